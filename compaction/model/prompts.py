@@ -1,0 +1,21 @@
+"""Prompts are always built with the model's own chat template (thinking enabled where it has it)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: Appended to every problem, as the standard math-eval prompt does for real models.
+ANSWER_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def build_student_messages(problem: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"{problem}\n{ANSWER_INSTRUCTION}"}]
+
+
+def build_prompt(tokenizer: Any, messages: list[dict[str, str]], enable_thinking: bool = True) -> str:
+    """Render ``messages`` with the tokenizer's chat template, ending with the assistant header."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat_template")
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking
+    )

@@ -1,0 +1,400 @@
+"""One parameter schema for every stage, loaded from ``params/*.yaml``.
+
+Each section is a pydantic model whose fields are documented where they are defined
+(TRL style). Unknown keys and wrong types are errors that name the key and the file,
+raised by :func:`load_params` before any work starts. ``--set a.b=c`` overrides are
+parsed as YAML scalars (``--set sft.lr=3e-4``, ``--set opsd.conditions=[correct]``).
+
+Relative paths (``paths.root``, ``paths.artifacts``, tracking store) are resolved to
+absolute ones at load time, because Prefect workers and accelerate processes change
+directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# --------------------------------------------------------------------------- data
+class SyntheticDomain(Section):
+    """The embedded, seeded math domain (see ``compaction/data/synthetic.py``)."""
+
+    seed: int = Field(0, description="Seed of the generator; the same seed gives the same problems.")
+    n_train: int = Field(2000, ge=1, description="Training problems (SFT traces, RLVR and OPSD prompts).")
+    n_eval: int = Field(200, ge=1, description="Held-out evaluation problems (never share a problem with train).")
+    families: list[str] = Field(
+        default_factory=lambda: ["arithmetic", "linear_equation", "modular", "fraction_sum", "gcd_lcm", "sequence_sum"],
+        description="Problem families to draw from (names in compaction.data.synthetic.FAMILIES).",
+    )
+    difficulty: tuple[int, int] = Field((1, 3), description="Inclusive range of the difficulty knob (1 = easiest).")
+    redundancy_rate: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="Per-step probability of a redundant move in SFT traces (re-check, restated step, "
+        "'wait'/'hmm' hesitation, detour that comes back).",
+    )
+    traces_per_problem: int = Field(1, ge=1, description="SFT traces sampled per training problem.")
+
+
+class DatasetSpec(Section):
+    """A real problem set, by hub id or local jsonl/parquet file, mapped to the problems schema."""
+
+    name: str = Field(..., description="Short name used in metric names (eval/<name>/accuracy).")
+    path: str = Field(..., description="Hub id (e.g. HuggingFaceH4/MATH-500) or local .jsonl/.json/.parquet file.")
+    preset: Literal["gsm8k", "math500", "aime", "custom"] = Field(
+        "custom", description="Column conventions of a known set; `custom` uses the column fields below."
+    )
+    config: str | None = Field(None, description="Dataset config name on the hub (e.g. 'main' for gsm8k).")
+    split: str = Field("test", description="Split to load from the hub (local files have one split).")
+    problem_column: str = Field("problem", description="Column holding the problem text.")
+    answer_column: str = Field("answer", description="Column holding the final answer.")
+    solution_column: str | None = Field("solution", description="Column holding a reference solution, if any.")
+    limit: int | None = Field(None, ge=1, description="Keep only the first `limit` rows (after loading).")
+
+
+class DataParams(Section):
+    source: Literal["synthetic", "dataset"] = Field(
+        "synthetic", description="`synthetic` = the embedded domain; `dataset` = train on `train_set`."
+    )
+    synthetic: SyntheticDomain = Field(default_factory=SyntheticDomain)
+    train_set: DatasetSpec | None = Field(None, description="Training problems when source = dataset.")
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="Held-out share when a real train_set is split.")
+
+    @model_validator(mode="after")
+    def _dataset_needs_train_set(self) -> "DataParams":
+        if self.source == "dataset" and self.train_set is None:
+            raise ValueError("data.train_set is required when data.source is 'dataset'")
+        return self
+
+
+# -------------------------------------------------------------------------- model
+class TinyModel(Section):
+    """Size of the embedded random-initialised Qwen3 model and its locally trained tokenizer."""
+
+    vocab_size: int = Field(512, ge=64, description="Target BPE vocabulary size (special tokens included).")
+    hidden_size: int = Field(128, ge=8)
+    intermediate_size: int = Field(384, ge=8)
+    num_hidden_layers: int = Field(4, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    num_key_value_heads: int = Field(2, ge=1)
+    head_dim: int = Field(32, ge=4)
+    max_position_embeddings: int = Field(1024, ge=64)
+    tie_word_embeddings: bool = Field(True, description="Qwen3 small models tie the LM head to the embeddings.")
+    seed: int = Field(0, description="Seed of the random initialisation.")
+
+
+class ModelParams(Section):
+    name_or_path: str = Field(
+        "embedded", description="`embedded` builds the tiny model; otherwise a hub id or a local HF checkpoint."
+    )
+    tokenizer: str | None = Field(None, description="Tokenizer path/id if different from the model's.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="`auto`: float32 on CPU, bfloat16 on GPU."
+    )
+    enable_thinking: bool = Field(True, description="Pass enable_thinking to the chat template where it has one.")
+    attn_implementation: str | None = Field(None, description="e.g. 'sdpa', 'flash_attention_2'; None = HF default.")
+    tiny: TinyModel = Field(default_factory=TinyModel)
+
+
+# ------------------------------------------------------------------------ rollout
+class RolloutParams(Section):
+    backend: Literal["hf", "vllm"] = Field("hf", description="`hf` = transformers generate; `vllm` = vLLM offline LLM.")
+    n: int = Field(4, ge=1, description="Samples per prompt.")
+    temperature: float = Field(1.0, ge=0.0, description="0 = greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 = disabled.")
+    max_new_tokens: int = Field(256, ge=1)
+    batch_size: int = Field(32, ge=1, description="Sequences per generate call (hf backend).")
+    seed: int = Field(0)
+    vllm_gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    vllm_tensor_parallel_size: int = Field(1, ge=1)
+
+
+class GradingParams(Section):
+    workers: int = Field(2, ge=1, description="math-verify worker processes.")
+    timeout_s: float = Field(5.0, gt=0, description="Hard per-row deadline; a hung worker is killed and replaced.")
+
+
+# ---------------------------------------------------------------------------- SFT
+class SFTParams(Section):
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine schedule floor as a fraction of lr.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: float = Field(3.0, gt=0, description="Passes over the traces (fractional allowed).")
+    max_steps: int | None = Field(None, ge=1, description="Cap on optimizer steps (overrides epochs).")
+    batch_size: int = Field(32, ge=1, description="Global batch in sequences per optimizer step.")
+    micro_batch_size: int = Field(32, ge=1, description="Sequences per forward pass; accumulation = batch/micro.")
+    max_seq_len: int = Field(512, ge=16)
+    grad_clip: float = Field(1.0, gt=0)
+    save_every: int = Field(100, ge=1, description="Checkpoint every N optimizer steps (and at the end).")
+    seed: int = Field(0)
+
+
+# --------------------------------------------------------------------------- RLVR
+class RLVRParams(Section):
+    rounds: int = Field(10, ge=0, description="Rounds of rollouts -> grade -> update.")
+    prompts_per_round: int = Field(32, ge=1)
+    samples_per_prompt: int = Field(8, ge=2, description="Group size for group-normalised advantages.")
+    steps_per_round: int = Field(1, ge=1, description="Optimizer steps per round (1 = fully on-policy).")
+    micro_batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    eps_low: float = Field(0.2, ge=0)
+    eps_high: float = Field(0.28, ge=0, description="DAPO clip-higher.")
+    loss_agg: Literal["token_mean", "seq_mean", "const_norm"] = Field(
+        "token_mean", description="token_mean (DAPO), seq_mean (GRPO), const_norm (Dr.GRPO)."
+    )
+    adv_scaling: Literal["group", "batch", "none"] = Field("group", description="Divide advantages by this std.")
+    kl_coef: float = Field(0.0, ge=0, description="k3 KL to the frozen reference; 0 = off.")
+    dynamic_sampling: bool = Field(True, description="Drop groups whose rewards all agree.")
+    overlong: Literal["mask", "penalty", "none"] = Field("mask", description="Treatment of truncated responses.")
+    overlong_buffer: int = Field(32, ge=0, description="Soft penalty ramp length in tokens (overlong=penalty).")
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(256, ge=1)
+    seed: int = Field(0)
+
+
+# --------------------------------------------------------------------------- OPSD
+class OPSDParams(Section):
+    conditions: list[Literal["baseline", "all", "correct", "incorrect"]] = Field(
+        default_factory=lambda: ["baseline", "all", "correct", "incorrect"],
+        description="Which rollouts enter the loss; `baseline` = no training (the RLVR checkpoint).",
+    )
+    unit: Literal["rollout", "group"] = Field("rollout", description="Select rollouts by own verdict, or by group.")
+    group_threshold: float = Field(0.5, ge=0, le=1, description="Group pass rate needed when unit = group.")
+    teacher: Literal["frozen", "live", "ema"] = Field("frozen", description="Teacher weights.")
+    ema_decay: float = Field(0.99, gt=0, lt=1)
+    context: Literal["solution", "answer", "template"] = Field("solution", description="Privileged context.")
+    context_template: str | None = Field(
+        None, description="User template with {problem}, {solution}, {answer} (context = template)."
+    )
+    missing_solution: Literal["error", "answer"] = Field(
+        "answer", description="What to do for problems without a solution when context = solution."
+    )
+    divergence: Literal["reverse_kl", "forward_kl", "jsd", "sampled_token"] = Field("reverse_kl")
+    beta: float = Field(0.5, ge=0, le=1, description="JSD weight.")
+    clip: float | None = Field(None, gt=0, description="Per-token divergence clip; None = off.")
+    temperature: float = Field(1.0, gt=0, description="Temperature of both distributions in the loss.")
+    kernel_backend: Literal["auto", "triton", "torch", "eager"] = Field("auto")
+    rounds: int = Field(10, ge=0)
+    prompts_per_round: int = Field(32, ge=1)
+    samples_per_prompt: int = Field(4, ge=1)
+    steps_per_round: int = Field(1, ge=1)
+    micro_batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    sample_temperature: float = Field(1.0, gt=0, description="Temperature of the student's on-policy samples.")
+    max_new_tokens: int = Field(256, ge=1)
+    lora: bool = Field(False, description="Train a LoRA adapter (peft); the frozen teacher is the base.")
+    lora_rank: int = Field(16, ge=1)
+    redundancy_map_samples: int = Field(8, ge=0, description="Rollouts whose per-token divergences are saved.")
+    seed: int = Field(0)
+
+    @model_validator(mode="after")
+    def _template_needs_text(self) -> "OPSDParams":
+        if self.context == "template" and not self.context_template:
+            raise ValueError("opsd.context_template is required when opsd.context is 'template'")
+        return self
+
+
+# --------------------------------------------------------------------------- eval
+DEFAULT_EPISTEMIC_MARKERS = [
+    "wait", "hmm", "perhaps", "maybe", "actually", "let me double-check", "let me check",
+    "let me verify", "let me re-check", "on second thought", "alternatively",
+]
+
+
+class EvalParams(Section):
+    benchmarks: list[DatasetSpec] = Field(
+        default_factory=list, description="Benchmarks beside the embedded eval split (named `synthetic`)."
+    )
+    include_synthetic: bool = Field(True, description="Evaluate on the embedded eval split.")
+    k: int = Field(8, ge=1, description="Samples per problem (avg@k, pass@k).")
+    temperature: float = Field(0.6, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_new_tokens: int = Field(256, ge=1)
+    limit: int | None = Field(None, ge=1, description="Evaluate on the first `limit` problems of each benchmark.")
+    epistemic_markers: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_EPISTEMIC_MARKERS),
+        description="Phrases counted per 1k response tokens (case-insensitive, word-bounded).",
+    )
+    seed: int = Field(1234)
+
+
+# ----------------------------------------------------------------------- tracking
+class TrackingParams(Section):
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; None = sqlite:///<root>/mlflow.db (absolute)."
+    )
+    artifact_root: str | None = Field(None, description="MLflow artifact root; None = <root>/mlartifacts.")
+    experiment: str = Field("compaction-demo", description="One experiment per study.")
+    system_metrics: bool = Field(True, description="Log CPU/memory (psutil) with each run.")
+
+
+class LauncherParams(Section):
+    kind: Literal["inline", "accelerate"] = Field(
+        "inline", description="`inline` calls the job's main in-process; `accelerate` runs `accelerate launch -m`."
+    )
+    accelerate_config: str | None = Field(None, description="Path to an accelerate config (params/accelerate/*.yaml).")
+    num_processes: int = Field(1, ge=1)
+
+
+class PathParams(Section):
+    root: str = Field(
+        ".", description="Project folder; relative to $COMPACTION_HOME or the working directory at load time."
+    )
+    artifacts: str = Field("artifacts", description="Stage outputs, relative to root unless absolute.")
+
+
+class Params(Section):
+    """All knobs of the pipeline. Sections are passed to the stages that use them."""
+
+    study: str = Field("demo", description="Name of the study (MLflow experiment suffix, report folder).")
+    paths: PathParams = Field(default_factory=PathParams)
+    data: DataParams = Field(default_factory=DataParams)
+    model: ModelParams = Field(default_factory=ModelParams)
+    sft: SFTParams = Field(default_factory=SFTParams)
+    rlvr: RLVRParams = Field(default_factory=RLVRParams)
+    rollout: RolloutParams = Field(default_factory=RolloutParams)
+    grading: GradingParams = Field(default_factory=GradingParams)
+    opsd: OPSDParams = Field(default_factory=OPSDParams)
+    eval: EvalParams = Field(default_factory=EvalParams)
+    tracking: TrackingParams = Field(default_factory=TrackingParams)
+    launcher: LauncherParams = Field(default_factory=LauncherParams)
+
+    # -- derived, absolute locations -------------------------------------------------
+    @property
+    def root(self) -> Path:
+        return Path(self.paths.root)
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return Path(self.paths.artifacts)
+
+    def section_hash(self, *names: str) -> str:
+        """Stable short hash of the named sections (for cache keys and artifact folders)."""
+        payload = {n: getattr(self, n).model_dump(mode="json") for n in names}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ParamsError(ValueError):
+    """A params file or override is invalid; the message names the file and the key."""
+
+
+def _format_loc(loc: Sequence[Any]) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ParamsError(f"--set {item!r}: expected key=value (e.g. --set sft.lr=3e-4)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ParamsError(f"--set {item!r}: empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"--set {key}: value {raw!r} is not valid YAML ({exc})") from None
+    return key.split("."), value
+
+
+def _known_field(model_cls: type[BaseModel], parts: list[str]) -> bool:
+    """True when the dotted path names a field of the schema (checked before merging overrides)."""
+    cls: Any = model_cls
+    for i, part in enumerate(parts):
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or part not in cls.model_fields:
+            return False
+        ann = cls.model_fields[part].annotation
+        # Unwrap Optional[Section] / Section to keep walking.
+        nested = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        cls = nested[0] if nested else ann
+        if i < len(parts) - 1 and not nested:
+            return False
+    return True
+
+
+def _resolve_paths(params: Params, base: Path) -> Params:
+    root = Path(params.paths.root)
+    root = (root if root.is_absolute() else base / root).resolve()
+    artifacts = Path(params.paths.artifacts)
+    artifacts = artifacts if artifacts.is_absolute() else root / artifacts
+    params.paths.root = str(root)
+    params.paths.artifacts = str(artifacts.resolve())
+    if params.tracking.tracking_uri is None:
+        params.tracking.tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    if params.tracking.artifact_root is None:
+        params.tracking.artifact_root = str(root / "mlartifacts")
+    return params
+
+
+def load_params(path: str | os.PathLike | None = None, overrides: Sequence[str] = (), base: Path | None = None) -> Params:
+    """Load a params file (or the defaults when ``path`` is None) and apply ``key=value`` overrides.
+
+    Raises :class:`ParamsError` naming the file and the offending key on a missing file,
+    invalid YAML, an unknown key or a wrong type.
+    """
+    origin = str(path) if path is not None else "<defaults>"
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ParamsError(f"{origin}: params file not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ParamsError(f"{origin}: invalid YAML ({exc})") from None
+        if not isinstance(data, dict):
+            raise ParamsError(f"{origin}: top level must be a mapping of sections, got {type(data).__name__}")
+    for item in overrides:
+        parts, value = _parse_override(item)
+        if not _known_field(Params, parts):
+            raise ParamsError(f"{origin}: --set {'.'.join(parts)}: unknown key")
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = value
+    try:
+        params = Params.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = _format_loc(err["loc"]) or "<top>"
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"{origin}: {key}: {msg}")
+        raise ParamsError("\n".join(lines)) from None
+    home = base or Path(os.environ.get("COMPACTION_HOME", os.getcwd()))
+    return _resolve_paths(params, home)
+
+
+def dump_params(params: Params) -> str:
+    return yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists kept as JSON text), for MLflow params."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, (list, tuple)):
+            out[key] = json.dumps(v)
+        else:
+            out[key] = v
+    return out

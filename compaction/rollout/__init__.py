@@ -1,0 +1,60 @@
+"""Rollout engines (transformers generate, vLLM) and the rollouts table they produce."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from compaction.artifacts import write_parquet
+from compaction.data.schema import ROLLOUT_COLUMNS, rollout_id
+from compaction.model.prompts import build_prompt, build_student_messages
+from compaction.params import ModelParams, RolloutParams
+from compaction.rollout.base import Completion, RolloutEngine, Sampling
+from compaction.rollout.hf import HFEngine
+from compaction.rollout.vllm_engine import VLLMEngine, vllm_available
+
+__all__ = [
+    "Completion", "HFEngine", "RolloutEngine", "Sampling", "VLLMEngine", "generate_rollouts", "make_engine",
+    "sampling_from", "vllm_available", "write_rollouts",
+]
+
+
+def sampling_from(rollout: RolloutParams, **changes) -> Sampling:
+    s = dict(n=rollout.n, temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
+             max_new_tokens=rollout.max_new_tokens, seed=rollout.seed)
+    s.update(changes)
+    return Sampling(**s)
+
+
+def make_engine(policy_ref: str, rollout: RolloutParams, model: ModelParams, device: str = "cpu") -> RolloutEngine:
+    if rollout.backend == "vllm":
+        return VLLMEngine(policy_ref, dtype=model.dtype, gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
+                          tensor_parallel_size=rollout.vllm_tensor_parallel_size, seed=rollout.seed)
+    return HFEngine.from_pretrained(policy_ref, dtype=model.dtype, device=device, batch_size=rollout.batch_size)
+
+
+def generate_rollouts(
+    engine: RolloutEngine, tokenizer, problems: pd.DataFrame, sampling: Sampling, policy_ref: str,
+    round_: int = 0, enable_thinking: bool = True, progress: bool = False,
+) -> pd.DataFrame:
+    """Sample ``sampling.n`` responses per problem; one row per response, in the rollouts schema."""
+    prompts = [build_prompt(tokenizer, build_student_messages(p), enable_thinking) for p in problems["problem"]]
+    completions = engine.generate(prompts, sampling, progress=progress)
+    rows = []
+    for pid, prompt, outs in zip(problems["problem_id"], prompts, completions):
+        for k, c in enumerate(outs):
+            rows.append({
+                "rollout_id": rollout_id(policy_ref, pid, round_, sampling.seed, k),
+                "problem_id": pid, "sample_index": k, "policy_ref": policy_ref, "prompt": prompt,
+                "response": c.text, "response_tokens": c.n_tokens, "finish_reason": c.finish_reason,
+                "temperature": float(sampling.temperature), "seed": int(sampling.seed), "round": int(round_),
+            })
+    return pd.DataFrame(rows, columns=list(ROLLOUT_COLUMNS))
+
+
+def write_rollouts(df: pd.DataFrame, path: str | Path) -> Path:
+    missing = [c for c in ROLLOUT_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"rollouts for {path}: missing column(s) {missing}")
+    return write_parquet(df, path)
