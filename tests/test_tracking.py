@@ -1,0 +1,42 @@
+import mlflow
+import pytest
+
+from compaction import tracking
+from compaction.params import load_params
+
+
+@pytest.fixture
+def params(tmp_path):
+    return load_params(None, ["tracking.experiment=t", "tracking.system_metrics=false"], base=tmp_path)
+
+
+def test_runs_params_and_metrics_land_in_absolute_sqlite_store(params, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path / "..")  # the store must not depend on the working directory
+    with tracking.start_run(params.tracking, "parent", tags={"stage": "flow"}) as parent:
+        tracking.log_params({"sft": {"lr": 0.1, "sizes": [1, 2]}})
+        with tracking.start_run(params.tracking, "child", nested=True, tags={"stage": "sft"}) as child:
+            for step in range(3):
+                tracking.log_metrics({"sft/loss": 1.0 / (step + 1), "sft/bad": float("nan")}, step=step)
+    assert (tmp_path / "mlflow.db").is_file()
+    client = mlflow.MlflowClient(params.tracking.tracking_uri)
+    p = client.get_run(parent.info.run_id)
+    c = client.get_run(child.info.run_id)
+    assert p.data.params == {"sft.lr": "0.1", "sft.sizes": "[1, 2]"}
+    assert c.data.tags["mlflow.parentRunId"] == parent.info.run_id and c.data.tags["stage"] == "sft"
+    history = client.get_metric_history(child.info.run_id, "sft/loss")
+    assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.5), (2, pytest.approx(1 / 3))]
+    assert "sft/bad" not in c.data.metrics
+    exp = client.get_experiment_by_name("t")
+    assert exp.artifact_location.startswith(f"file://{tmp_path.resolve()}/mlartifacts")
+
+
+def test_many_params_are_batched(params):
+    with tracking.start_run(params.tracking, "many") as run:
+        tracking.log_params({f"k{i}": i for i in range(250)})
+    assert len(mlflow.MlflowClient(params.tracking.tracking_uri).get_run(run.info.run_id).data.params) == 250
+
+
+def test_relative_sqlite_uri_is_refused(params):
+    params.tracking.tracking_uri = "sqlite:///rel/mlflow.db"
+    with pytest.raises(ValueError, match="absolute"):
+        tracking.configure(params.tracking)
