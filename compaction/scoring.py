@@ -1,0 +1,53 @@
+"""Per-token log-probs of a causal LM through the fused kernels, inside one ``forward``.
+
+Distributed wrappers (DDP, FSDP) only see parameters used inside the wrapped module's
+forward, so the LM-head projection happens here, not outside: the backbone gives hidden
+states, we keep only the positions that predict scored tokens, and
+``kernels.linear_logprobs`` turns (hidden, lm_head.weight, targets) into log-probs without
+ever holding the full [tokens x vocab] logits.
+
+Alignment: a token at position t is predicted by the hidden state at t-1. ``score_mask[b, t]``
+marks the tokens to score; position 0 can never be scored.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def shifted_targets(input_ids: torch.Tensor, score_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask over predicting positions [B, T-1], targets [N]) for the tokens marked in score_mask."""
+    predict = score_mask[:, 1:].bool()
+    return predict, input_ids[:, 1:][predict]
+
+
+def lm_head_weight(model: nn.Module) -> torch.Tensor:
+    return model.get_output_embeddings().weight
+
+
+def backbone_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden states [B, T, d] of a HF causal LM (after the final norm), without the LM head."""
+    base = getattr(model, model.base_model_prefix, None) if hasattr(model, "base_model_prefix") else None
+    if base is None or base is model:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        return out.hidden_states[-1]
+    return base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+class TokenScorer(nn.Module):
+    """Wraps a causal LM; ``forward`` returns the log-probs [N] of the tokens in ``score_mask``."""
+
+    def __init__(self, model: nn.Module, backend: str = "auto"):
+        super().__init__()
+        self.model = model
+        self.backend = backend
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, score_mask: torch.Tensor,
+                temperature: float = 1.0) -> torch.Tensor:
+        from kernels import linear_logprobs
+
+        hidden = backbone_hidden(self.model, input_ids, attention_mask)
+        predict, targets = shifted_targets(input_ids, score_mask)
+        h = hidden[:, :-1][predict]
+        return linear_logprobs(h, lm_head_weight(self.model), targets, temperature=temperature, backend=self.backend)

@@ -1,0 +1,163 @@
+"""Pieces the training jobs (SFT, RLVR, OPSD) share: accelerator, schedule, batches, checkpoints.
+
+Checkpoints are folders ``<out>/checkpoints/step-XXXXXXXX/`` holding ``model/`` (HF
+``save_pretrained``: loadable as a checkpoint on its own), ``state/`` (accelerate
+``save_state``: optimizer, scheduler, RNG of every process) and ``trainer_state.json``
+(step, data position). Each is written under a temporary name and renamed into place by the
+main process, so a killed job leaves only complete checkpoints; resume takes the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+CKPT_PATTERN = re.compile(r"^step-(\d{8})$")
+
+
+def make_accelerator(**kwargs):
+    """fp32 on CPU, bf16 autocast on GPU; one process inline, many under `accelerate launch`."""
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available()
+    return Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no", **kwargs)
+
+
+def cosine_with_warmup(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
+    """LR multiplier: linear warmup, then cosine down to ``min_lr_ratio``."""
+    warmup = max(1, int(round(warmup_ratio * total_steps))) if warmup_ratio > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], score_from: Sequence[int], pad_id: int,
+              score_to: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad token sequences; ``score_mask`` marks tokens [score_from[i], score_to[i]) of row i."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(sequences), width), dtype=torch.long)
+    score = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        attn[i, : len(s)] = 1
+        end = len(s) if score_to is None else score_to[i]
+        score[i, score_from[i]: end] = True
+    return {"input_ids": ids, "attention_mask": attn, "score_mask": score}
+
+
+def shard(items: Sequence[Any], rank: int, world: int) -> list[Any]:
+    """This process's share of a global batch (strided, so shares differ by at most one item)."""
+    return list(items[rank::world])
+
+
+def micro_batches(items: Sequence[Any], size: int) -> list[list[Any]]:
+    return [list(items[i: i + size]) for i in range(0, len(items), size)]
+
+
+# ----------------------------------------------------------------------- checkpoints
+def checkpoint_dirs(out_dir: Path) -> list[Path]:
+    root = out_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if CKPT_PATTERN.match(p.name) and (p / "trainer_state.json").is_file())
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    dirs = checkpoint_dirs(out_dir)
+    return dirs[-1] if dirs else None
+
+
+def save_checkpoint(accelerator, wrapped, tokenizer, out_dir: Path, state: dict, keep: int = 2) -> Path:
+    """Save model (HF format), accelerate state and trainer state, atomically; keep the last ``keep``."""
+    final = out_dir / "checkpoints" / f"step-{state['step']:08d}"
+    tmp = final.with_name(f".{final.name}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / "state"))
+    save_hf_model(accelerator, wrapped, tokenizer, tmp / "model")
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(out_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def save_hf_model(accelerator, wrapped, tokenizer, path: Path) -> None:
+    """``save_pretrained`` of the causal LM inside a prepared wrapper (full state dict under FSDP)."""
+    state_dict = accelerator.get_state_dict(wrapped)
+    inner = accelerator.unwrap_model(wrapped).model
+    if accelerator.is_main_process:
+        state_dict = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state_dict.items()}
+        inner.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+
+
+def publish_final(accelerator, wrapped, tokenizer, out_dir: Path, name: str = "final") -> Path:
+    """Write the finished model to ``<out>/<name>`` atomically (temp folder, then rename)."""
+    final = out_dir / name
+    tmp = out_dir / f".{name}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    save_hf_model(accelerator, wrapped, tokenizer, tmp)
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+class MetricsLog:
+    """Per-step metrics: a JSON-lines file in the stage folder, MLflow when a run is active.
+
+    On resume, lines past the resumed step are dropped (they were written after the last checkpoint).
+    """
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int = 0):
+        self.path, self.enabled = path, enabled
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            kept = []
+            if path.exists() and resume_step > 0:
+                kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        try:
+            import mlflow
+
+            if mlflow.active_run() is not None:
+                from compaction.tracking import log_metrics
+
+                log_metrics(metrics, step=step)
+        except Exception:  # tracking must never kill training
+            pass
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln]

@@ -1,0 +1,347 @@
+"""Stage rlvr: GRPO-family RL with verifiable rewards, in rounds of rollouts -> grade -> update.
+
+    python -m jobs.rlvr --params params/demo.yaml --policy SFT_CKPT --problems PROBLEMS --out OUT
+    accelerate launch --config_file params/accelerate/cpu-2proc.yaml -m jobs.rlvr ...   # same code
+
+A round is a pure function of (previous round's folder, round index, params), so rounds are
+the unit of caching and resume: ``<out>/round-XXXX/`` holds the round's rollouts.parquet,
+grades.parquet, metrics.json, the new policy as ``model/`` (HF checkpoint) and ``state/``
+(optimizer, RNG) that the next round resumes from. Each folder is written under a temporary
+name and renamed into place, so a killed job restarts at the first missing round.
+
+Per round: `prompts_per_round` training problems (a seeded, round-dependent order) x
+`samples_per_prompt` samples; rewards from math-verify (1 correct / 0 not, plus the soft
+overlong penalty if chosen); group-normalised advantages; dynamic sampling drops groups whose
+rewards all agree; `steps_per_round` optimizer steps of the clipped surrogate
+(eps_low / eps_high), aggregated as token_mean / seq_mean / const_norm, optional k3 KL to the
+frozen starting policy. Log-probs come from `kernels.linear_logprobs` (hidden states + LM head).
+
+Generation is layout-independent: prompts are cut into fixed generation chunks, each sampled
+with its own seed, and chunks are dealt to processes; so 1 and N processes draw the same
+rollouts and (with global loss normalisation) take the same step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from compaction.artifacts import write_parquet
+from compaction.data import load_problems
+from compaction.data.schema import rollout_id
+from compaction.grading import Grader
+from compaction.logs import get_logger
+from compaction.metrics import response_length_stats
+from compaction.model import build_prompt, build_student_messages, load_model, load_tokenizer
+from compaction.params import Params
+from compaction.rl import (
+    clipped_policy_loss, group_advantages, overlong_penalty, token_weights, zero_variance_groups,
+)
+from compaction.rollout import HFEngine, Sampling
+from compaction.scoring import TokenScorer
+from compaction.training import make_accelerator, micro_batches, pad_batch, save_hf_model, shard
+from jobs.common import params_from, parse, parser
+
+
+def round_dir(out: Path, round_: int) -> Path:
+    return out / f"round-{round_:04d}"
+
+
+def round_problems(train: pd.DataFrame, round_: int, per_round: int, seed: int) -> pd.DataFrame:
+    """The round's prompts: walk a seeded permutation of the train split, epoch after epoch."""
+    n = len(train)
+    idx = []
+    pos = round_ * per_round
+    while len(idx) < per_round:
+        epoch, off = divmod(pos, n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        take = min(per_round - len(idx), n - off)
+        idx += perm[off: off + take].tolist()
+        pos += take
+    return train.iloc[idx].reset_index(drop=True)
+
+
+def chunk_seed(seed: int, round_: int, chunk: int) -> int:
+    return int(hashlib.sha256(f"{seed}:{round_}:{chunk}".encode()).hexdigest()[:8], 16)
+
+
+class RLVRRound:
+    """One round: setup (policy + optimizer state of the previous round) -> rollouts -> grade -> update -> save."""
+
+    def __init__(self, params: Params, prev_ref: str, reference_ref: str, problems_path: str, out: Path, round_: int):
+        self.p, self.cfg = params, params.rlvr
+        self.prev_ref, self.reference_ref, self.problems_path = prev_ref, reference_ref, problems_path
+        self.out, self.round = out, round_
+        self.log = get_logger()
+
+    # ---------------------------------------------------------------- setup
+    def setup(self) -> None:
+        self.acc = make_accelerator()
+        cfg = self.cfg
+        model_ref = str(Path(self.prev_ref) / "model") if (Path(self.prev_ref) / "model").is_dir() else self.prev_ref
+        self.tokenizer = load_tokenizer(model_ref)
+        model = load_model(model_ref, dtype="float32", device=self.acc.device,
+                           attn_implementation=self.p.model.attn_implementation)
+        self.scorer = TokenScorer(model, backend=self.p.opsd.kernel_backend)
+        optimizer = torch.optim.AdamW(self.scorer.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+        self.scorer, self.optimizer = self.acc.prepare(self.scorer, optimizer)
+        state = Path(self.prev_ref) / "state"
+        if state.is_dir():  # continue the optimizer (and RNG) of the previous round
+            self.acc.load_state(str(state))
+        self.reference = None
+        if cfg.kl_coef > 0:
+            ref = load_model(self.reference_ref, dtype="float32", device=self.acc.device).eval()
+            self.reference = TokenScorer(ref.requires_grad_(False), backend=self.p.opsd.kernel_backend)
+        train = load_problems(self.problems_path, "train")
+        if train.empty:
+            raise ValueError(f"{self.problems_path}: no train split")
+        self.problems = round_problems(train, self.round, cfg.prompts_per_round, cfg.seed)
+
+    @property
+    def policy(self):
+        return self.acc.unwrap_model(self.scorer).model
+
+    # ------------------------------------------------------------- rollouts
+    def rollouts(self) -> pd.DataFrame:
+        cfg, acc = self.cfg, self.acc
+        n = cfg.samples_per_prompt
+        per_chunk = max(1, self.p.rollout.batch_size // n)
+        chunks = [list(range(i, min(i + per_chunk, len(self.problems)))) for i in range(0, len(self.problems), per_chunk)]
+        mine = [c for c in range(len(chunks)) if c % acc.num_processes == acc.process_index]
+        model = self.policy.eval()
+        engine = HFEngine(model, self.tokenizer, batch_size=per_chunk * n)
+        self.tokenizer.padding_side = "left"
+        rows = []
+        for c in tqdm(mine, desc=f"rlvr round {self.round} rollouts", disable=not acc.is_main_process):
+            probs = self.problems.iloc[chunks[c]]
+            prompts = [build_prompt(self.tokenizer, build_student_messages(t), self.p.model.enable_thinking)
+                       for t in probs["problem"]]
+            s = Sampling(n=n, temperature=cfg.temperature, top_p=1.0, top_k=0, max_new_tokens=cfg.max_new_tokens,
+                         seed=chunk_seed(cfg.seed, self.round, c))
+            for g, (pid, prompt, outs) in enumerate(zip(probs["problem_id"], prompts, engine.generate(prompts, s))):
+                for k, comp in enumerate(outs):
+                    rows.append({
+                        "rollout_id": rollout_id(self.prev_ref, pid, self.round, s.seed, k), "problem_id": pid,
+                        "sample_index": k, "policy_ref": self.prev_ref, "prompt": prompt, "response": comp.text,
+                        "response_tokens": comp.n_tokens, "finish_reason": comp.finish_reason,
+                        "temperature": cfg.temperature, "seed": s.seed, "round": self.round,
+                        "response_token_ids": comp.token_ids, "group": chunks[c][g],
+                    })
+        model.train()
+        return pd.DataFrame(rows)
+
+    # ---------------------------------------------------------------- grade
+    def grade(self, rollouts: pd.DataFrame) -> pd.DataFrame:
+        answers = dict(zip(self.problems["problem_id"], self.problems["answer"]))
+        with Grader(workers=self.p.grading.workers, timeout_s=self.p.grading.timeout_s) as grader:
+            grades = grader.grade(list(rollouts["response"]), [answers[p] for p in rollouts["problem_id"]])
+        return pd.DataFrame({
+            "rollout_id": rollouts["rollout_id"], "problem_id": rollouts["problem_id"],
+            "correct": [g.correct for g in grades], "extracted_answer": [g.extracted_answer for g in grades],
+            "status": [g.status for g in grades], "grade_ms": [g.grade_ms for g in grades],
+        })
+
+    # --------------------------------------------------------------- update
+    def update(self, rollouts: pd.DataFrame, grades: pd.DataFrame) -> dict[str, float]:
+        cfg, acc = self.cfg, self.acc
+        df = rollouts.assign(correct=grades["correct"].to_numpy())
+        reward = df["correct"].astype(float).to_numpy()
+        if cfg.overlong == "penalty":
+            reward = reward + overlong_penalty(df["response_tokens"].to_numpy(), cfg.max_new_tokens,
+                                               cfg.overlong_buffer)
+        df["reward"] = reward
+        groups = [g for _, g in df.groupby("group", sort=True)]
+        r = np.stack([g["reward"].to_numpy() for g in groups])
+        zero_var = zero_variance_groups(r)
+        batch_std = None
+        if cfg.adv_scaling == "batch":  # global std over every process's rewards
+            t = torch.tensor([r.sum(), (r ** 2).sum(), r.size], dtype=torch.float64, device=acc.device)
+            s, s2, cnt = acc.reduce(t, "sum").tolist()
+            batch_std = float(np.sqrt(max(s2 / cnt - (s / cnt) ** 2, 0.0)))
+        adv = group_advantages(r, cfg.adv_scaling, batch_std)
+        keep = ~zero_var if cfg.dynamic_sampling else np.ones(len(groups), bool)
+        seqs = []
+        for g, a, k in zip(groups, adv, keep):
+            if not k:
+                continue
+            for (_, row), adv_i in zip(g.iterrows(), a):
+                if cfg.overlong == "mask" and row["finish_reason"] == "length":
+                    continue  # truncated: no verdict on an unfinished answer
+                p_ids = self.tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+                r_ids = list(row["response_token_ids"])
+                if r_ids:
+                    seqs.append((p_ids + r_ids, len(p_ids), float(adv_i)))
+        local = torch.tensor([len(seqs), sum(len(s) - st for s, st, _ in seqs), float(zero_var.sum()), len(groups)],
+                             dtype=torch.float64, device=acc.device)
+        n_seqs, n_tokens, n_zero, n_groups = acc.reduce(local, "sum").tolist()
+        stats = {"rlvr/group_zero_variance_fraction": n_zero / max(n_groups, 1), "rlvr/trained_sequences": n_seqs}
+        if n_seqs == 0:
+            self.log.info("rlvr round %d: every group has zero reward variance; no update", self.round)
+            return {**stats, "rlvr/loss": 0.0, "rlvr/clip_fraction": 0.0, "rlvr/grad_norm": 0.0}
+        weights = token_weights([len(s) - st for s, st, _ in seqs], cfg.loss_agg, n_tokens, n_seqs, cfg.max_new_tokens)
+        batches = micro_batches(list(zip(seqs, weights)), cfg.micro_batch_size)
+        # Behaviour log-probs: with one step per round the policy has not moved, so ratio = 1 exactly.
+        old = None if cfg.steps_per_round == 1 else [self._logprobs(self.scorer, mb, no_grad=True) for mb in batches]
+        ref = None if self.reference is None else [self._logprobs(self.reference, mb, no_grad=True) for mb in batches]
+        scale = acc.num_processes  # DDP averages gradients; the weights already normalise globally
+        for step in range(cfg.steps_per_round):
+            loss_sum, clipped, kl = 0.0, 0.0, 0.0
+            # Every process must join each collective: pad the shorter lists with empty batches.
+            n_micro = int(acc.reduce(torch.tensor(len(batches), device=acc.device), "max").item())
+            for k in range(n_micro):
+                mb = batches[k] if k < len(batches) else []
+                ctx = acc.no_sync(self.scorer) if k < n_micro - 1 else _null()
+                with ctx:
+                    if mb:
+                        logp = self._logprobs(self.scorer, mb)
+                        b_old = logp.detach() if old is None else old[k]
+                        adv_t, w_t = self._token_values(mb)
+                        loss, st = clipped_policy_loss(logp, b_old, adv_t, w_t, cfg.eps_low, cfg.eps_high,
+                                                       None if ref is None else ref[k], cfg.kl_coef)
+                    else:
+                        loss, st = sum(p.sum() * 0.0 for p in self.scorer.parameters()), {"clipped": torch.tensor(0.0)}
+                    acc.backward(loss * scale)
+                loss_sum += float(loss.detach())
+                clipped += float(st["clipped"])
+                kl += float(st.get("kl", 0.0))
+            grad_norm = acc.clip_grad_norm_(self.scorer.parameters(), 1.0)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        tot = acc.reduce(torch.tensor([loss_sum, clipped, kl], dtype=torch.float64, device=acc.device), "sum").tolist()
+        stats.update({"rlvr/loss": tot[0], "rlvr/clip_fraction": tot[1] / n_tokens, "rlvr/grad_norm": float(grad_norm)})
+        if self.reference is not None:
+            stats["rlvr/kl"] = tot[2] / n_tokens
+        return stats
+
+    def _token_values(self, mb):
+        adv, w = [], []
+        for (ids, start, a), weight in mb:
+            n = len(ids) - start
+            adv += [a] * n
+            w += [weight] * n
+        dev = self.acc.device
+        return torch.tensor(adv, device=dev), torch.tensor(w, device=dev)
+
+    def _logprobs(self, scorer, mb, no_grad: bool = False) -> torch.Tensor:
+        b = pad_batch([s[0] for s, _ in mb], [s[1] for s, _ in mb], self.tokenizer.pad_token_id)
+        b = {k: v.to(self.acc.device) for k, v in b.items()}
+        with torch.no_grad() if no_grad else _null():
+            return scorer(b["input_ids"], b["attention_mask"], b["score_mask"], self.cfg.temperature)
+
+    # ----------------------------------------------------------------- save
+    def save(self, rollouts: pd.DataFrame, grades: pd.DataFrame, metrics: dict) -> Path:
+        acc = self.acc
+        from accelerate.utils import gather_object
+
+        all_rollouts = pd.concat(gather_object([rollouts]), ignore_index=True)
+        all_grades = pd.concat(gather_object([grades]), ignore_index=True)
+        final = round_dir(self.out, self.round)
+        tmp = final.with_name(f".{final.name}.tmp")
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp / "state"))
+        save_hf_model(acc, self.scorer, self.tokenizer, tmp / "model")
+        if acc.is_main_process:
+            order = all_rollouts.sort_values(["group", "sample_index"]).index
+            all_rollouts, all_grades = all_rollouts.loc[order], all_grades.loc[order]
+            write_parquet(all_rollouts.drop(columns=["group"]), tmp / "rollouts.parquet")
+            write_parquet(all_grades, tmp / "grades.parquet")
+            metrics.update(self._rollout_metrics(all_rollouts, all_grades))
+            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        acc.wait_for_everyone()
+        return final
+
+    def _rollout_metrics(self, rollouts: pd.DataFrame, grades: pd.DataFrame) -> dict[str, float]:
+        correct = grades["correct"].astype(float).to_numpy()
+        per_problem = pd.Series(correct).groupby(rollouts["problem_id"].to_numpy()).max()
+        lengths = {f"rlvr/{k}": v for k, v in response_length_stats(rollouts).items()}
+        return {"rlvr/reward_mean": float(correct.mean()), "rlvr/pass_rate": float(per_problem.mean()), **lengths}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def run_round(params: Params, prev_ref: str, reference_ref: str, problems_path: str, out: str | Path,
+              round_: int) -> str:
+    """Run round ``round_`` from ``prev_ref`` (a checkpoint, or the previous round's folder)."""
+    out = Path(out)
+    done = round_dir(out, round_)
+    if (done / "metrics.json").is_file():
+        return str(done)
+    t0 = time.perf_counter()
+    r = RLVRRound(params, prev_ref, reference_ref, problems_path, out, round_)
+    r.setup()
+    rollouts = r.rollouts()
+    grades = r.grade(rollouts)
+    t_gen = time.perf_counter() - t0
+    stats = r.update(rollouts, grades)
+    stats["rlvr/seconds"] = time.perf_counter() - t0
+    stats["rlvr/rollout_seconds"] = t_gen
+    path = r.save(rollouts, grades, stats)
+    if r.acc.is_main_process:
+        m = json.loads((path / "metrics.json").read_text())
+        _log_round(round_, m)
+    return str(path)
+
+
+def _log_round(round_: int, m: dict) -> None:
+    get_logger().info(
+        "rlvr round %d: reward %.3f pass %.3f zero-var %.2f loss %.4f clip %.3f len %.1f trunc %.2f (%.1fs)",
+        round_, m["rlvr/reward_mean"], m["rlvr/pass_rate"], m["rlvr/group_zero_variance_fraction"], m["rlvr/loss"],
+        m["rlvr/clip_fraction"], m["rlvr/mean_response_tokens"], m["rlvr/truncation_rate"], m["rlvr/seconds"])
+    try:
+        import mlflow
+
+        if mlflow.active_run() is not None:
+            from compaction.tracking import log_metrics
+
+            log_metrics(m, step=round_)
+    except Exception:
+        pass
+
+
+def run(params: Params, policy_ref: str, problems_path: str, out: str | Path) -> str:
+    """All rounds; returns the last round's model folder (the RLVR checkpoint)."""
+    out = Path(out)
+    prev = policy_ref
+    for k in range(params.rlvr.rounds):
+        prev = run_round(params, prev, policy_ref, problems_path, out, k)
+    return str(Path(prev) / "model") if params.rlvr.rounds else policy_ref
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--policy", required=True, help="starting policy (the SFT checkpoint)")
+    p.add_argument("--problems", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--round", type=int, default=None, help="run only this round (needs the previous one)")
+    args = parse(argv, p)
+    params = params_from(args)
+    if args.round is None:
+        return run(params, args.policy, args.problems, args.out)
+    prev = args.policy if args.round == 0 else str(round_dir(Path(args.out), args.round - 1))
+    return run_round(params, prev, args.policy, args.problems, args.out, args.round)
+
+
+if __name__ == "__main__":
+    main()

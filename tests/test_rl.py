@@ -1,0 +1,83 @@
+"""RLVR math on its own: advantages, dynamic sampling, overlong penalty, loss aggregation, clipping."""
+
+import numpy as np
+import pytest
+import torch
+
+from compaction.rl import (
+    clipped_policy_loss, group_advantages, overlong_penalty, token_weights, zero_variance_groups,
+)
+
+
+def test_group_advantages_centre_and_scale_per_group():
+    r = np.array([[1, 0, 0, 1], [1, 1, 1, 0]], dtype=float)
+    a = group_advantages(r, "group")
+    np.testing.assert_allclose(a.mean(axis=1), 0, atol=1e-12)
+    np.testing.assert_allclose(a.std(axis=1), 1, atol=1e-4)
+    none = group_advantages(r, "none")
+    np.testing.assert_allclose(none, r - r.mean(axis=1, keepdims=True))
+    batch = group_advantages(r, "batch", batch_std=0.5)
+    np.testing.assert_allclose(batch, none / (0.5 + 1e-6))
+
+
+def test_zero_variance_groups_get_zero_advantage_and_are_flagged():
+    r = np.array([[1, 1, 1], [0, 0, 0], [0, 1, 0]], dtype=float)
+    assert zero_variance_groups(r).tolist() == [True, True, False]
+    assert np.all(group_advantages(r, "group")[:2] == 0)
+
+
+def test_unknown_scaling_is_named():
+    with pytest.raises(ValueError, match="rlvr.adv_scaling"):
+        group_advantages(np.zeros((1, 2)), "rank")
+
+
+def test_overlong_penalty_ramps_to_minus_one():
+    p = overlong_penalty(np.array([10, 96, 112, 128]), max_new_tokens=128, buffer=32)
+    np.testing.assert_allclose(p, [0, 0, -0.5, -1])
+    assert overlong_penalty(np.array([128]), 128, 0).tolist() == [0]
+
+
+def test_token_weights_implement_the_three_aggregations():
+    lengths = [2, 4]
+    # token_mean: every token counts the same.
+    w = token_weights(lengths, "token_mean", global_tokens=6, global_seqs=2, max_new_tokens=8)
+    assert sum(wi * n for wi, n in zip(w, lengths)) == pytest.approx(1.0)
+    # seq_mean: every sequence counts the same.
+    w = token_weights(lengths, "seq_mean", global_tokens=6, global_seqs=2, max_new_tokens=8)
+    assert [wi * n for wi, n in zip(w, lengths)] == pytest.approx([0.5, 0.5])
+    # const_norm: divide by sequences x max length, whatever the lengths.
+    w = token_weights(lengths, "const_norm", global_tokens=6, global_seqs=2, max_new_tokens=8)
+    assert w == pytest.approx([1 / 16, 1 / 16])
+    with pytest.raises(ValueError, match="rlvr.loss_agg"):
+        token_weights(lengths, "sum", 6, 2, 8)
+
+
+def test_clipped_loss_gradient_vanishes_outside_the_trust_region():
+    old = torch.zeros(4)
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    # ratios: 1.5 (A>0: clipped above 1.28), 1.0, 0.5 (A<0: clipped below 0.8), 1.0
+    logp = torch.log(torch.tensor([1.5, 1.0, 0.5, 1.0])).requires_grad_(True)
+    loss, stats = clipped_policy_loss(logp, old, adv, torch.ones(4), eps_low=0.2, eps_high=0.28)
+    loss.backward()
+    assert stats["clipped"].item() == 2
+    assert logp.grad[0] == 0 and logp.grad[2] == 0
+    assert logp.grad[1] == pytest.approx(-1.0) and logp.grad[3] == pytest.approx(1.0)
+
+
+def test_on_policy_loss_is_the_policy_gradient():
+    """With ratio = 1 the surrogate's gradient is -A * weight for each token."""
+    logp = torch.tensor([-1.0, -2.0, -0.5]).requires_grad_(True)
+    adv = torch.tensor([0.5, -1.0, 2.0])
+    w = torch.tensor([0.1, 0.2, 0.3])
+    loss, _ = clipped_policy_loss(logp, logp.detach(), adv, w, 0.2, 0.28)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, -adv * w)
+
+
+def test_k3_kl_is_zero_at_the_reference_and_positive_elsewhere():
+    logp = torch.tensor([-1.0, -2.0])
+    zero, st = clipped_policy_loss(logp, logp, torch.zeros(2), torch.ones(2), 0.2, 0.2, ref_logp=logp, kl_coef=1.0)
+    assert zero.item() == 0 and st["kl"].item() == 0
+    pos, st = clipped_policy_loss(logp, logp, torch.zeros(2), torch.ones(2), 0.2, 0.2,
+                                  ref_logp=logp - 0.5, kl_coef=1.0)
+    assert pos.item() > 0 and st["kl"].item() > 0
