@@ -15,7 +15,7 @@ from rich.table import Table
 
 from compaction import tracking
 from compaction.artifacts import read_parquet
-from compaction.metrics import response_length_stats
+from compaction.metrics import epistemic_rate, response_length_stats
 from compaction.params import Params
 
 
@@ -49,7 +49,8 @@ def run_demo(params: Params, console: Console | None = None) -> dict[str, float]
     oracle = grade_responses(list(eval_problems["solution"]), list(eval_problems["answer"]),
                              workers=params.grading.workers, timeout_s=params.grading.timeout_s)
 
-    summary = summarize(problems, read_parquet(rollouts_path), read_parquet(grades_path))
+    summary = summarize(problems, read_parquet(rollouts_path), read_parquet(grades_path),
+                        params.eval.epistemic_markers)
     summary["reference_solution_accuracy"] = sum(g.correct for g in oracle) / max(len(oracle), 1)
     summary["wall_seconds"] = time.perf_counter() - t0
     with tracking.start_run(params.tracking, f"demo-{params.study}", tags={"stage": "demo"}):
@@ -59,7 +60,8 @@ def run_demo(params: Params, console: Console | None = None) -> dict[str, float]
     return summary
 
 
-def summarize(problems: pd.DataFrame, rollouts: pd.DataFrame, grades: pd.DataFrame) -> dict[str, float]:
+def summarize(problems: pd.DataFrame, rollouts: pd.DataFrame, grades: pd.DataFrame,
+              markers: list[str]) -> dict[str, float]:
     merged = rollouts.merge(grades[["rollout_id", "correct", "status"]], on="rollout_id", how="left")
     lengths = response_length_stats(rollouts)
     status = merged["status"].value_counts(normalize=True)
@@ -69,6 +71,8 @@ def summarize(problems: pd.DataFrame, rollouts: pd.DataFrame, grades: pd.DataFra
         "rollouts": float(len(rollouts)),
         "accuracy": float(merged["correct"].mean()),
         **lengths,
+        "epistemic_rate": epistemic_rate(rollouts["response"], float(rollouts["response_tokens"].sum()),
+                                         markers),
         **{f"status_{s}": float(status.get(s, 0.0)) for s in ("ok", "no_answer", "parse_error", "timeout")},
     }
 
@@ -80,7 +84,9 @@ def print_summary(console: Console, params: Params, problems: pd.DataFrame, trac
     console.print(f"problem: {example['problem']}\nanswer: {example['answer']}\nreference solution: {example['solution']}")
     if traces is not None and len(traces):
         console.print(f"SFT trace (redundancy rate {params.data.synthetic.redundancy_rate}):\n{traces.iloc[0]['response']}")
-    table = Table(title=f"demo summary ({params.study})")
+    table = Table(title=f"demo summary ({params.study})",
+                  caption="policy: the base model (random weights, so accuracy ~0); "
+                          "SFT, RLVR and OPSD join the demo as they land")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in summary.items():
