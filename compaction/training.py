@@ -9,13 +9,14 @@ main process, so a killed job leaves only complete checkpoints; resume takes the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -80,24 +81,38 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def save_checkpoint(accelerator, wrapped, tokenizer, out_dir: Path, state: dict, keep: int = 2) -> Path:
-    """Save model (HF format), accelerate state and trainer state, atomically; keep the last ``keep``."""
-    final = out_dir / "checkpoints" / f"step-{state['step']:08d}"
+@contextlib.contextmanager
+def collective_atomic_dir(accelerator, final: Path) -> Iterator[Path]:
+    """Every process writes into one temporary folder; the main process renames it onto ``final``.
+
+    The distributed twin of ``compaction.artifacts.atomic_dir``: all processes must enter
+    (saving accelerate state and gathering FSDP weights are collective operations).
+    """
     tmp = final.with_name(f".{final.name}.tmp")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / "state"))
-    save_hf_model(accelerator, wrapped, tokenizer, tmp / "model")
+    yield tmp
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps(state))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+
+
+def save_checkpoint(accelerator, wrapped, tokenizer, out_dir: Path, state: dict, keep: int = 2) -> Path:
+    """Save model (HF format), accelerate state and trainer state, atomically; keep the last ``keep``."""
+    final = out_dir / "checkpoints" / f"step-{state['step']:08d}"
+    with collective_atomic_dir(accelerator, final) as tmp:
+        accelerator.save_state(str(tmp / "state"))
+        save_hf_model(accelerator, wrapped, tokenizer, tmp / "model")
+        if accelerator.is_main_process:
+            (tmp / "trainer_state.json").write_text(json.dumps(state))
+    if accelerator.is_main_process:
         for old in checkpoint_dirs(out_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
     return final
 
 
@@ -115,16 +130,8 @@ def save_hf_model(accelerator, wrapped, tokenizer, path: Path) -> None:
 def publish_final(accelerator, wrapped, tokenizer, out_dir: Path, name: str = "final") -> Path:
     """Write the finished model to ``<out>/<name>`` atomically (temp folder, then rename)."""
     final = out_dir / name
-    tmp = out_dir / f".{name}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    save_hf_model(accelerator, wrapped, tokenizer, tmp)
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    accelerator.wait_for_everyone()
+    with collective_atomic_dir(accelerator, final) as tmp:
+        save_hf_model(accelerator, wrapped, tokenizer, tmp)
     return final
 
 

@@ -23,10 +23,9 @@ rollouts and (with global loss normalisation) take the same step.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 import hashlib
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Sequence
@@ -49,7 +48,7 @@ from compaction.rl import (
 )
 from compaction.rollout import HFEngine, Sampling
 from compaction.scoring import TokenScorer
-from compaction.training import make_accelerator, micro_batches, pad_batch, save_hf_model, shard
+from compaction.training import collective_atomic_dir, make_accelerator, micro_batches, pad_batch, save_hf_model
 from jobs.common import params_from, parse, parser
 
 
@@ -200,7 +199,7 @@ class RLVRRound:
             n_micro = int(acc.reduce(torch.tensor(len(batches), device=acc.device), "max").item())
             for k in range(n_micro):
                 mb = batches[k] if k < len(batches) else []
-                ctx = acc.no_sync(self.scorer) if k < n_micro - 1 else _null()
+                ctx = acc.no_sync(self.scorer) if k < n_micro - 1 else nullcontext()
                 with ctx:
                     if mb:
                         logp = self._logprobs(self.scorer, mb)
@@ -235,7 +234,7 @@ class RLVRRound:
     def _logprobs(self, scorer, mb, no_grad: bool = False) -> torch.Tensor:
         b = pad_batch([s[0] for s, _ in mb], [s[1] for s, _ in mb], self.tokenizer.pad_token_id)
         b = {k: v.to(self.acc.device) for k, v in b.items()}
-        with torch.no_grad() if no_grad else _null():
+        with torch.no_grad() if no_grad else nullcontext():
             return scorer(b["input_ids"], b["attention_mask"], b["score_mask"], self.cfg.temperature)
 
     # ----------------------------------------------------------------- save
@@ -246,24 +245,16 @@ class RLVRRound:
         all_rollouts = pd.concat(gather_object([rollouts]), ignore_index=True)
         all_grades = pd.concat(gather_object([grades]), ignore_index=True)
         final = round_dir(self.out, self.round)
-        tmp = final.with_name(f".{final.name}.tmp")
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp / "state"))
-        save_hf_model(acc, self.scorer, self.tokenizer, tmp / "model")
-        if acc.is_main_process:
-            order = all_rollouts.sort_values(["group", "sample_index"]).index
-            all_rollouts, all_grades = all_rollouts.loc[order], all_grades.loc[order]
-            write_parquet(all_rollouts.drop(columns=["group"]), tmp / "rollouts.parquet")
-            write_parquet(all_grades, tmp / "grades.parquet")
-            metrics.update(self._rollout_metrics(all_rollouts, all_grades))
-            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        acc.wait_for_everyone()
+        with collective_atomic_dir(acc, final) as tmp:
+            acc.save_state(str(tmp / "state"))
+            save_hf_model(acc, self.scorer, self.tokenizer, tmp / "model")
+            if acc.is_main_process:
+                order = all_rollouts.sort_values(["group", "sample_index"]).index
+                all_rollouts, all_grades = all_rollouts.loc[order], all_grades.loc[order]
+                write_parquet(all_rollouts.drop(columns=["group"]), tmp / "rollouts.parquet")
+                write_parquet(all_grades, tmp / "grades.parquet")
+                metrics.update(self._rollout_metrics(all_rollouts, all_grades))
+                (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
         return final
 
     def _rollout_metrics(self, rollouts: pd.DataFrame, grades: pd.DataFrame) -> dict[str, float]:
@@ -272,13 +263,6 @@ class RLVRRound:
         lengths = {f"rlvr/{k}": v for k, v in response_length_stats(rollouts).items()}
         return {"rlvr/reward_mean": float(correct.mean()), "rlvr/pass_rate": float(per_problem.mean()), **lengths}
 
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def run_round(params: Params, prev_ref: str, reference_ref: str, problems_path: str, out: str | Path,

@@ -14,6 +14,7 @@ same data position (the order is a pure function of seed and epoch). The finishe
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 import json
 import math
 import time
@@ -117,7 +118,7 @@ class SFTRecipe:
             starts = [self.examples[i][1] for i in mb]
             b = {key: t.to(acc.device) for key, t in pad_batch(seqs, starts, self.tokenizer.pad_token_id).items()}
             sync = k == len(micro) - 1
-            ctx = acc.no_sync(self.scorer) if not sync else _nullcontext()
+            ctx = acc.no_sync(self.scorer) if not sync else nullcontext()
             with ctx:
                 logp = self.scorer(b["input_ids"], b["attention_mask"], b["score_mask"])
                 loss = -logp.sum() * scale
@@ -154,13 +155,6 @@ class SFTRecipe:
         self.log.info("sft: %d steps -> %s", self.step, final)
         return final
 
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def run(params: Params, base_ref: str, traces_path: str, out_dir: str | Path) -> str:
