@@ -105,6 +105,9 @@ class ModelParams(Section):
     )
     enable_thinking: bool = Field(True, description="Pass enable_thinking to the chat template where it has one.")
     attn_implementation: str | None = Field(None, description="e.g. 'sdpa', 'flash_attention_2'; None = HF default.")
+    kernel_backend: Literal["auto", "triton", "torch", "eager"] = Field(
+        "auto", description="Log-prob / divergence kernels for every training stage: auto = triton on CUDA, torch elsewhere."
+    )
     tiny: TinyModel = Field(default_factory=TinyModel)
 
 
@@ -187,7 +190,6 @@ class OPSDParams(Section):
     beta: float = Field(0.5, ge=0, le=1, description="JSD weight.")
     clip: float | None = Field(None, gt=0, description="Per-token divergence clip; None = off.")
     temperature: float = Field(1.0, gt=0, description="Temperature of both distributions in the loss.")
-    kernel_backend: Literal["auto", "triton", "torch", "eager"] = Field("auto")
     rounds: int = Field(10, ge=0)
     prompts_per_round: int = Field(32, ge=1)
     samples_per_prompt: int = Field(4, ge=1)

@@ -91,7 +91,7 @@ class RLVRRound:
         self.tokenizer = load_tokenizer(model_ref)
         model = load_model(model_ref, dtype="float32", device=self.acc.device,
                            attn_implementation=self.p.model.attn_implementation)
-        self.scorer = TokenScorer(model, backend=self.p.opsd.kernel_backend)
+        self.scorer = TokenScorer(model, backend=self.p.model.kernel_backend)
         optimizer = torch.optim.AdamW(self.scorer.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
         self.scorer, self.optimizer = self.acc.prepare(self.scorer, optimizer)
         state = Path(self.prev_ref) / "state"
@@ -100,7 +100,7 @@ class RLVRRound:
         self.reference = None
         if cfg.kl_coef > 0:
             ref = load_model(self.reference_ref, dtype="float32", device=self.acc.device).eval()
-            self.reference = TokenScorer(ref.requires_grad_(False), backend=self.p.opsd.kernel_backend)
+            self.reference = TokenScorer(ref.requires_grad_(False), backend=self.p.model.kernel_backend)
         train = load_problems(self.problems_path, "train")
         if train.empty:
             raise ValueError(f"{self.problems_path}: no train split")
