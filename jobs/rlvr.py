@@ -193,8 +193,8 @@ class RLVRRound:
         old = None if cfg.steps_per_round == 1 else [self._logprobs(self.scorer, mb, no_grad=True) for mb in batches]
         ref = None if self.reference is None else [self._logprobs(self.reference, mb, no_grad=True) for mb in batches]
         scale = acc.num_processes  # DDP averages gradients; the weights already normalise globally
+        loss_sum, clipped, kl = 0.0, 0.0, 0.0  # summed over steps, reported per step
         for step in range(cfg.steps_per_round):
-            loss_sum, clipped, kl = 0.0, 0.0, 0.0
             # Every process must join each collective: pad the shorter lists with empty batches.
             n_micro = int(acc.reduce(torch.tensor(len(batches), device=acc.device), "max").item())
             for k in range(n_micro):
@@ -217,9 +217,11 @@ class RLVRRound:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         tot = acc.reduce(torch.tensor([loss_sum, clipped, kl], dtype=torch.float64, device=acc.device), "sum").tolist()
-        stats.update({"rlvr/loss": tot[0], "rlvr/clip_fraction": tot[1] / n_tokens, "rlvr/grad_norm": float(grad_norm)})
+        steps = cfg.steps_per_round
+        stats.update({"rlvr/loss": tot[0] / steps, "rlvr/clip_fraction": tot[1] / (n_tokens * steps),
+                      "rlvr/grad_norm": float(grad_norm)})
         if self.reference is not None:
-            stats["rlvr/kl"] = tot[2] / n_tokens
+            stats["rlvr/kl"] = tot[2] / (n_tokens * steps)
         return stats
 
     def _token_values(self, mb):
