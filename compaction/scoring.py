@@ -38,10 +38,14 @@ def backbone_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
 class TokenScorer(nn.Module):
     """Wraps a causal LM; ``forward`` returns the log-probs [N] of the tokens in ``score_mask``."""
 
-    def __init__(self, model: nn.Module, backend: str = "auto"):
+    def __init__(self, model: nn.Module, backend: str = "auto", uniform_token_weights: bool = False):
         super().__init__()
         self.model = model
         self.backend = backend
+        # Losses that weight every scored token alike (SFT's summed NLL) let the kernel form the
+        # weight gradient during the forward pass: one matmul fewer. Per-token weights (RLVR) need
+        # the recompute path, which is exact for any upstream gradient.
+        self.grad_in_forward = uniform_token_weights
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, score_mask: torch.Tensor,
                 temperature: float = 1.0) -> torch.Tensor:
@@ -50,4 +54,5 @@ class TokenScorer(nn.Module):
         hidden = backbone_hidden(self.model, input_ids, attention_mask)
         predict, targets = shifted_targets(input_ids, score_mask)
         h = hidden[:, :-1][predict]
-        return linear_logprobs(h, lm_head_weight(self.model), targets, temperature=temperature, backend=self.backend)
+        return linear_logprobs(h, lm_head_weight(self.model), targets, temperature=temperature, backend=self.backend,
+                               grad_in_forward=self.grad_in_forward)

@@ -86,7 +86,7 @@ class SFTRecipe:
         model = load_model(self.base_ref, dtype="float32", device=self.acc.device,
                            attn_implementation=self.p.model.attn_implementation)
         model.config.use_cache = False
-        scorer = TokenScorer(model, backend=self.p.model.kernel_backend)
+        scorer = TokenScorer(model, backend=self.p.model.kernel_backend, uniform_token_weights=True)
         optimizer = torch.optim.AdamW(scorer.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                       betas=(0.9, 0.95))
         self.scorer, self.optimizer = self.acc.prepare(scorer, optimizer)
