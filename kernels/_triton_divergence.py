@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_logprobs import launch_config
+from ._triton_logprobs import grad_target, launch_config
 
 # Kind ids (the KIND constexpr). Globals read inside @triton.jit must be tl.constexpr.
 REVERSE_KL = tl.constexpr(0)
@@ -161,12 +161,7 @@ def triton_divergence_reducer(kind: str, beta: float, inv_temperature: float, cl
 
     def reduce(z, u, start, stop, row_scale, compute_grad):
         rows, n_cols = z.shape
-        if compute_grad and grad_dtype != z.dtype:
-            if not grad_buffer or grad_buffer[0].shape[0] < rows:
-                grad_buffer[:] = [torch.empty(rows, n_cols, device=z.device, dtype=grad_dtype)]
-            grad = grad_buffer[0][:rows]
-        else:
-            grad = z  # in place: each element is read before it is overwritten, by the same program
+        grad = grad_target(z, grad_dtype, compute_grad, grad_buffer)
         if row_scale is not None:
             row_scale = row_scale.float().contiguous()
         block, warps = launch_config(n_cols)

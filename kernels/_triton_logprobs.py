@@ -68,6 +68,19 @@ def _logprob_rows_kernel(
             tl.store(grad_row + cols, grad, mask=mask)
 
 
+def grad_target(z: torch.Tensor, grad_dtype: torch.dtype, compute_grad: bool,
+                grad_buffer: list[torch.Tensor]) -> torch.Tensor:
+    """Where a reducer writes the logit gradient: in place over the logits ``z`` when the dtypes
+    match (each element is read before it is overwritten, by the same program), else a buffer of
+    ``grad_dtype`` reused across chunks (grown when a chunk has more rows)."""
+    rows, n_cols = z.shape
+    if compute_grad and grad_dtype != z.dtype:
+        if not grad_buffer or grad_buffer[0].shape[0] < rows:
+            grad_buffer[:] = [torch.empty(rows, n_cols, device=z.device, dtype=grad_dtype)]
+        return grad_buffer[0][:rows]
+    return z
+
+
 def launch_config(n_cols: int) -> tuple[int, int]:
     """(BLOCK_V, num_warps). Large blocks on a GPU; smaller under the interpreter (numpy)."""
     cap = 2048 if triton_interpreting() else 8192
@@ -82,12 +95,7 @@ def triton_logprobs_reducer(targets: torch.Tensor, inv_temperature: float, value
 
     def reduce(z, _u, start, stop, row_scale, compute_grad):
         rows, n_cols = z.shape
-        if compute_grad and grad_dtype != z.dtype:
-            if not grad_buffer or grad_buffer[0].shape[0] < rows:
-                grad_buffer[:] = [torch.empty(rows, n_cols, device=z.device, dtype=grad_dtype)]
-            grad = grad_buffer[0][:rows]
-        else:
-            grad = z  # in place: each element is read before it is overwritten, by the same program
+        grad = grad_target(z, grad_dtype, compute_grad, grad_buffer)
         if row_scale is not None:
             row_scale = row_scale.float().contiguous()
         block, warps = launch_config(n_cols)
