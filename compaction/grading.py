@@ -61,11 +61,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from compaction.data.schema import GRADE_COLUMNS as SCHEMA_GRADE_COLUMNS, GRADE_STATUSES
+
 if TYPE_CHECKING:  # pandas is imported lazily: workers and `compaction grade --help` do not need it
     import pandas as pd
 
-STATUSES = ("ok", "no_answer", "parse_error", "timeout")
-GRADE_COLUMNS = ["rollout_id", "problem_id", "correct", "extracted_answer", "status", "grade_ms"]
+STATUSES = GRADE_STATUSES
+GRADE_COLUMNS = list(SCHEMA_GRADE_COLUMNS)
 
 # Longest answer handed to math-verify; longer ones are `parse_error` without parsing.
 MAX_ANSWER_CHARS = 1000
