@@ -100,3 +100,15 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
              if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
     if clean:
         mlflow.log_metrics(clean, step=step)
+
+
+def log_metrics_if_active(metrics: Mapping[str, float], step: int | None = None) -> None:
+    """``log_metrics`` when an MLflow run is active (a job launched by a task); never raises,
+    because tracking must not kill training."""
+    try:
+        import mlflow
+
+        if mlflow.active_run() is not None:
+            log_metrics(metrics, step=step)
+    except Exception:
+        pass

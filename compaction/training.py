@@ -155,15 +155,9 @@ class MetricsLog:
             return
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
-        try:
-            import mlflow
+        from compaction.tracking import log_metrics_if_active
 
-            if mlflow.active_run() is not None:
-                from compaction.tracking import log_metrics
-
-                log_metrics(metrics, step=step)
-        except Exception:  # tracking must never kill training
-            pass
+        log_metrics_if_active(metrics, step=step)
 
 
 def read_metrics(path: str | Path) -> list[dict]:

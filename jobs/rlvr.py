@@ -36,18 +36,18 @@ import torch
 from tqdm.auto import tqdm
 
 from compaction.artifacts import write_parquet
-from compaction.data import load_problems
-from compaction.data.schema import rollout_id
-from compaction.grading import Grader
+from compaction.data import ROLLOUT_COLUMNS, load_problems
+from compaction.grading import grade_rollouts
 from compaction.logs import get_logger
 from compaction.metrics import response_length_stats
-from compaction.model import build_prompt, build_student_messages, load_model, load_tokenizer
+from compaction.model import load_model, load_tokenizer
 from compaction.params import Params
 from compaction.rl import (
     clipped_policy_loss, group_advantages, overlong_penalty, token_weights, zero_variance_groups,
 )
-from compaction.rollout import HFEngine, Sampling
+from compaction.rollout import HFEngine, Sampling, generate_rollouts
 from compaction.scoring import TokenScorer
+from compaction.tracking import log_metrics_if_active
 from compaction.training import collective_atomic_dir, make_accelerator, micro_batches, pad_batch, save_hf_model
 from jobs.common import params_from, parse, parser
 
@@ -120,35 +120,24 @@ class RLVRRound:
         model = self.policy.eval()
         engine = HFEngine(model, self.tokenizer, batch_size=per_chunk * n)
         self.tokenizer.padding_side = "left"
-        rows = []
+        frames = []
         for c in tqdm(mine, desc=f"rlvr round {self.round} rollouts", disable=not acc.is_main_process):
             probs = self.problems.iloc[chunks[c]]
-            prompts = [build_prompt(self.tokenizer, build_student_messages(t), self.p.model.enable_thinking)
-                       for t in probs["problem"]]
             s = Sampling(n=n, temperature=cfg.temperature, top_p=1.0, top_k=0, max_new_tokens=cfg.max_new_tokens,
                          seed=chunk_seed(cfg.seed, self.round, c))
-            for g, (pid, prompt, outs) in enumerate(zip(probs["problem_id"], prompts, engine.generate(prompts, s))):
-                for k, comp in enumerate(outs):
-                    rows.append({
-                        "rollout_id": rollout_id(self.prev_ref, pid, self.round, s.seed, k), "problem_id": pid,
-                        "sample_index": k, "policy_ref": self.prev_ref, "prompt": prompt, "response": comp.text,
-                        "response_tokens": comp.n_tokens, "finish_reason": comp.finish_reason,
-                        "temperature": cfg.temperature, "seed": s.seed, "round": self.round,
-                        "response_token_ids": comp.token_ids, "group": chunks[c][g],
-                    })
+            df = generate_rollouts(engine, self.tokenizer, probs, s, self.prev_ref, self.round,
+                                   self.p.model.enable_thinking, token_ids=True)
+            # A group = one prompt position of the round (a problem may appear twice when the order wraps).
+            frames.append(df.assign(group=np.repeat(chunks[c], n)))
         model.train()
-        return pd.DataFrame(rows)
+        if not frames:  # more processes than generation chunks: this one samples nothing
+            return pd.DataFrame(columns=[*ROLLOUT_COLUMNS, "response_token_ids", "group"])
+        return pd.concat(frames, ignore_index=True)
 
     # ---------------------------------------------------------------- grade
     def grade(self, rollouts: pd.DataFrame) -> pd.DataFrame:
-        answers = dict(zip(self.problems["problem_id"], self.problems["answer"]))
-        with Grader(workers=self.p.grading.workers, timeout_s=self.p.grading.timeout_s) as grader:
-            grades = grader.grade(list(rollouts["response"]), [answers[p] for p in rollouts["problem_id"]])
-        return pd.DataFrame({
-            "rollout_id": rollouts["rollout_id"], "problem_id": rollouts["problem_id"],
-            "correct": [g.correct for g in grades], "extracted_answer": [g.extracted_answer for g in grades],
-            "status": [g.status for g in grades], "grade_ms": [g.grade_ms for g in grades],
-        })
+        return grade_rollouts(rollouts, answers=self.problems[["problem_id", "answer"]],
+                              workers=self.p.grading.workers, timeout_s=self.p.grading.timeout_s)
 
     # --------------------------------------------------------------- update
     def update(self, rollouts: pd.DataFrame, grades: pd.DataFrame) -> dict[str, float]:
@@ -295,15 +284,7 @@ def _log_round(round_: int, m: dict) -> None:
         "rlvr round %d: reward %.3f pass %.3f zero-var %.2f loss %.4f clip %.3f len %.1f trunc %.2f (%.1fs)",
         round_, m["rlvr/reward_mean"], m["rlvr/pass_rate"], m["rlvr/group_zero_variance_fraction"], m["rlvr/loss"],
         m["rlvr/clip_fraction"], m["rlvr/mean_response_tokens"], m["rlvr/truncation_rate"], m["rlvr/seconds"])
-    try:
-        import mlflow
-
-        if mlflow.active_run() is not None:
-            from compaction.tracking import log_metrics
-
-            log_metrics(m, step=round_)
-    except Exception:
-        pass
+    log_metrics_if_active(m, step=round_)
 
 
 def run(params: Params, policy_ref: str, problems_path: str, out: str | Path) -> str:

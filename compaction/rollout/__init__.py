@@ -36,9 +36,13 @@ def make_engine(policy_ref: str, rollout: RolloutParams, model: ModelParams, dev
 
 def generate_rollouts(
     engine: RolloutEngine, tokenizer, problems: pd.DataFrame, sampling: Sampling, policy_ref: str,
-    round_: int = 0, enable_thinking: bool = True, progress: bool = False,
+    round_: int = 0, enable_thinking: bool = True, progress: bool = False, token_ids: bool = False,
 ) -> pd.DataFrame:
-    """Sample ``sampling.n`` responses per problem; one row per response, in the rollouts schema."""
+    """Sample ``sampling.n`` responses per problem; one row per response, in the rollouts schema.
+
+    ``token_ids=True`` adds ``response_token_ids``: the sampled ids themselves, which training
+    must use (re-tokenising the decoded text need not give the same ids).
+    """
     prompts = [build_prompt(tokenizer, build_student_messages(p), enable_thinking) for p in problems["problem"]]
     completions = engine.generate(prompts, sampling, progress=progress)
     rows = []
@@ -49,8 +53,9 @@ def generate_rollouts(
                 "problem_id": pid, "sample_index": k, "policy_ref": policy_ref, "prompt": prompt,
                 "response": c.text, "response_tokens": c.n_tokens, "finish_reason": c.finish_reason,
                 "temperature": float(sampling.temperature), "seed": int(sampling.seed), "round": int(round_),
+                **({"response_token_ids": c.token_ids} if token_ids else {}),
             })
-    return pd.DataFrame(rows, columns=list(ROLLOUT_COLUMNS))
+    return pd.DataFrame(rows, columns=list(ROLLOUT_COLUMNS) + (["response_token_ids"] if token_ids else []))
 
 
 def write_rollouts(df: pd.DataFrame, path: str | Path) -> Path:
