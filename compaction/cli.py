@@ -3,6 +3,7 @@
     compaction demo   [--params params/demo.yaml] [--set key=value ...]
     compaction grade  IN.parquet OUT.parquet [--problems PROBLEMS.parquet] [--workers N] [--timeout S]
     compaction params [--params FILE] [--set key=value ...]     # validate and print resolved params
+    compaction redundancy-map ROUND_DIR_OR_PARQUET --out FILE.html   # OPSD per-token divergences as HTML
 
 The CLI is an entrypoint, above every layer: it imports jobs (and, later, flows) lazily,
 so that `compaction grade` does not pay for torch and `--help` is instant. Params are
@@ -47,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = sub.add_parser("params", help="validate a params file (with overrides) and print the resolved values")
     _add_params_args(show)
+
+    rmap = sub.add_parser("redundancy-map", help="render an OPSD round's per-token divergences as an HTML page")
+    rmap.add_argument("source", help="an OPSD round folder (round-XXXX/) or its redundancy_map.parquet")
+    rmap.add_argument("--out", required=True, help="HTML file to write (atomically)")
+    rmap.add_argument("--title", default=None)
     return parser
 
 
@@ -59,6 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "grade":
             return _grade(args)
+        if args.command == "redundancy-map":
+            from compaction.redundancy_map import write_html
+
+            print(f"redundancy map -> {write_html(args.source, args.out, args.title)}")
+            return 0
         from compaction.params import dump_params, load_params
 
         params = load_params(args.params, args.overrides)  # fail on bad params before any work

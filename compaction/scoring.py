@@ -22,17 +22,26 @@ def shifted_targets(input_ids: torch.Tensor, score_mask: torch.Tensor) -> tuple[
     return predict, input_ids[:, 1:][predict]
 
 
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The HF causal LM itself: unwraps a peft model (its LoRA layers stay in place, and active
+    unless inside ``disable_adapter()``), so the backbone lookup below finds the real one."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
 def lm_head_weight(model: nn.Module) -> torch.Tensor:
-    return model.get_output_embeddings().weight
+    return causal_lm(model).get_output_embeddings().weight
 
 
 def backbone_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Last hidden states [B, T, d] of a HF causal LM (after the final norm), without the LM head."""
+    model = causal_lm(model)
     base = getattr(model, model.base_model_prefix, None) if hasattr(model, "base_model_prefix") else None
+    # use_cache=False: scoring never decodes further, so no KV cache is built.
     if base is None or base is model:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
         return out.hidden_states[-1]
-    return base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
 class TokenScorer(nn.Module):

@@ -59,6 +59,12 @@ def pad_batch(sequences: Sequence[Sequence[int]], score_from: Sequence[int], pad
     return {"input_ids": ids, "attention_mask": attn, "score_mask": score}
 
 
+def placeholder_batch(pad_id: int) -> dict[str, torch.Tensor]:
+    """A two-token batch scoring one token: the forward a process with no data left runs (its loss
+    times 0), because DDP joins the gradient all-reduce only after a forward through the wrapper."""
+    return pad_batch([[pad_id, pad_id]], [1], pad_id)
+
+
 def shard(items: Sequence[Any], rank: int, world: int) -> list[Any]:
     """This process's share of a global batch (strided, so shares differ by at most one item)."""
     return list(items[rank::world])

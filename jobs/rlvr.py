@@ -24,7 +24,6 @@ rollouts and (with global loss normalisation) take the same step.
 from __future__ import annotations
 
 from contextlib import nullcontext
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -33,10 +32,9 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from compaction.artifacts import write_parquet
-from compaction.data import ROLLOUT_COLUMNS, load_problems
+from compaction.data import load_problems
 from compaction.grading import grade_rollouts
 from compaction.logs import get_logger
 from compaction.metrics import response_length_stats
@@ -45,33 +43,15 @@ from compaction.params import Params
 from compaction.rl import (
     clipped_policy_loss, group_advantages, overlong_penalty, token_weights, zero_variance_groups,
 )
-from compaction.rollout import HFEngine, Sampling, generate_rollouts
+from compaction.rounds import (
+    gather_frames, generate_round_rollouts, model_ref_of, round_completed, round_dir, round_problems,
+)
 from compaction.scoring import TokenScorer
 from compaction.tracking import log_metrics_if_active
-from compaction.training import collective_atomic_dir, make_accelerator, micro_batches, pad_batch, save_hf_model
+from compaction.training import (
+    collective_atomic_dir, make_accelerator, micro_batches, pad_batch, placeholder_batch, save_hf_model,
+)
 from jobs.common import params_from, parse, parser
-
-
-def round_dir(out: Path, round_: int) -> Path:
-    return out / f"round-{round_:04d}"
-
-
-def round_problems(train: pd.DataFrame, round_: int, per_round: int, seed: int) -> pd.DataFrame:
-    """The round's prompts: walk a seeded permutation of the train split, epoch after epoch."""
-    n = len(train)
-    idx = []
-    pos = round_ * per_round
-    while len(idx) < per_round:
-        epoch, off = divmod(pos, n)
-        perm = np.random.default_rng([seed, epoch]).permutation(n)
-        take = min(per_round - len(idx), n - off)
-        idx += perm[off: off + take].tolist()
-        pos += take
-    return train.iloc[idx].reset_index(drop=True)
-
-
-def chunk_seed(seed: int, round_: int, chunk: int) -> int:
-    return int(hashlib.sha256(f"{seed}:{round_}:{chunk}".encode()).hexdigest()[:8], 16)
 
 
 class RLVRRound:
@@ -87,7 +67,7 @@ class RLVRRound:
     def setup(self) -> None:
         self.acc = make_accelerator()
         cfg = self.cfg
-        model_ref = str(Path(self.prev_ref) / "model") if (Path(self.prev_ref) / "model").is_dir() else self.prev_ref
+        model_ref = model_ref_of(self.prev_ref)
         self.tokenizer = load_tokenizer(model_ref)
         model = load_model(model_ref, dtype="float32", device=self.acc.device,
                            attn_implementation=self.p.model.attn_implementation)
@@ -112,27 +92,12 @@ class RLVRRound:
 
     # ------------------------------------------------------------- rollouts
     def rollouts(self) -> pd.DataFrame:
-        cfg, acc = self.cfg, self.acc
-        n = cfg.samples_per_prompt
-        per_chunk = max(1, self.p.rollout.batch_size // n)
-        chunks = [list(range(i, min(i + per_chunk, len(self.problems)))) for i in range(0, len(self.problems), per_chunk)]
-        mine = [c for c in range(len(chunks)) if c % acc.num_processes == acc.process_index]
-        model = self.policy.eval()
-        engine = HFEngine(model, self.tokenizer, batch_size=per_chunk * n)
-        self.tokenizer.padding_side = "left"
-        frames = []
-        for c in tqdm(mine, desc=f"rlvr round {self.round} rollouts", disable=not acc.is_main_process):
-            probs = self.problems.iloc[chunks[c]]
-            s = Sampling(n=n, temperature=cfg.temperature, top_p=1.0, top_k=0, max_new_tokens=cfg.max_new_tokens,
-                         seed=chunk_seed(cfg.seed, self.round, c))
-            df = generate_rollouts(engine, self.tokenizer, probs, s, self.prev_ref, self.round,
-                                   self.p.model.enable_thinking, token_ids=True)
-            # A group = one prompt position of the round (a problem may appear twice when the order wraps).
-            frames.append(df.assign(group=np.repeat(chunks[c], n)))
-        model.train()
-        if not frames:  # more processes than generation chunks: this one samples nothing
-            return pd.DataFrame(columns=[*ROLLOUT_COLUMNS, "response_token_ids", "group"])
-        return pd.concat(frames, ignore_index=True)
+        cfg = self.cfg
+        return generate_round_rollouts(
+            self.acc, self.policy, self.tokenizer, self.problems, samples_per_prompt=cfg.samples_per_prompt,
+            temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, round_=self.round,
+            policy_ref=self.prev_ref, enable_thinking=self.p.model.enable_thinking,
+            batch_size=self.p.rollout.batch_size, desc=f"rlvr round {self.round} rollouts")
 
     # ---------------------------------------------------------------- grade
     def grade(self, rollouts: pd.DataFrame) -> pd.DataFrame:
@@ -197,7 +162,11 @@ class RLVRRound:
                         loss, st = clipped_policy_loss(logp, b_old, adv_t, w_t, cfg.eps_low, cfg.eps_high,
                                                        None if ref is None else ref[k], cfg.kl_coef)
                     else:
-                        loss, st = sum(p.sum() * 0.0 for p in self.scorer.parameters()), {"clipped": torch.tensor(0.0)}
+                        # Nothing left on this process: a zero loss, but through the wrapped forward,
+                        # so that DDP still joins the gradient all-reduce of the other processes.
+                        b = {k: v.to(acc.device) for k, v in placeholder_batch(self.tokenizer.pad_token_id).items()}
+                        loss = self.scorer(b["input_ids"], b["attention_mask"], b["score_mask"]).sum() * 0.0
+                        st = {"clipped": torch.tensor(0.0)}
                     acc.backward(loss * scale)
                 loss_sum += float(loss.detach())
                 clipped += float(st["clipped"])
@@ -231,10 +200,7 @@ class RLVRRound:
     # ----------------------------------------------------------------- save
     def save(self, rollouts: pd.DataFrame, grades: pd.DataFrame, metrics: dict) -> Path:
         acc = self.acc
-        from accelerate.utils import gather_object
-
-        all_rollouts = pd.concat(gather_object([rollouts]), ignore_index=True)
-        all_grades = pd.concat(gather_object([grades]), ignore_index=True)
+        all_rollouts, all_grades = gather_frames(rollouts, grades)
         final = round_dir(self.out, self.round)
         with collective_atomic_dir(acc, final) as tmp:
             acc.save_state(str(tmp / "state"))
@@ -260,9 +226,8 @@ def run_round(params: Params, prev_ref: str, reference_ref: str, problems_path: 
               round_: int) -> str:
     """Run round ``round_`` from ``prev_ref`` (a checkpoint, or the previous round's folder)."""
     out = Path(out)
-    done = round_dir(out, round_)
-    if (done / "metrics.json").is_file():
-        return str(done)
+    if round_completed(out, round_):
+        return str(round_dir(out, round_))
     t0 = time.perf_counter()
     r = RLVRRound(params, prev_ref, reference_ref, problems_path, out, round_)
     r.setup()

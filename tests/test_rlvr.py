@@ -25,7 +25,7 @@ def sft_ckpt(smoke_params, smoke_data, tiny_model, tmp_path_factory):
     from jobs import sft
 
     params = smoke_params.model_copy(deep=True)
-    params.sft.max_steps = 2
+    params.sft.max_steps = 8
     return sft.run(params, tiny_model, smoke_data["traces"], tmp_path_factory.mktemp("sft"))
 
 
@@ -70,12 +70,15 @@ def test_rounds_write_rollouts_grades_checkpoint_and_metrics(sft_ckpt, smoke_dat
 @pytest.mark.slow
 def test_two_processes_take_the_same_rlvr_step_as_one(sft_ckpt, smoke_data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # 3 one-prompt generation chunks: one process gets 2 micro-batches, the other 1 (it must still
+    # join the gradient all-reduce of the second).
+    opts = [*UPDATE_OPTS, "rlvr.prompts_per_round=3", "rollout.batch_size=2", "rlvr.micro_batch_size=2"]
     one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run(rlvr_cmd(sft_ckpt, smoke_data["problems"], one, *UPDATE_OPTS, round_=0), cwd=REPO, env=env,
+    subprocess.run(rlvr_cmd(sft_ckpt, smoke_data["problems"], one, *opts, round_=0), cwd=REPO, env=env,
                    check=True, capture_output=True, timeout=300)
     accelerate = str(Path(sys.executable).parent / "accelerate")
     launcher = (accelerate, "launch", "--config_file", "params/accelerate/cpu-2proc.yaml", "-m")
-    r = subprocess.run(rlvr_cmd(sft_ckpt, smoke_data["problems"], two, *UPDATE_OPTS, launcher=launcher, round_=0),
+    r = subprocess.run(rlvr_cmd(sft_ckpt, smoke_data["problems"], two, *opts, launcher=launcher, round_=0),
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     r1, r2 = one / "round-0000", two / "round-0000"

@@ -8,8 +8,19 @@ from typing import Any
 ANSWER_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
+#: How the OPSD teacher is shown its privileged context (docs/decisions.md, "OPSD").
+SOLUTION_CONTEXT = "Reference solution:\n{solution}"
+ANSWER_CONTEXT = "Reference answer: {answer}"
+
+
 def build_student_messages(problem: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"{problem}\n{ANSWER_INSTRUCTION}"}]
+
+
+def build_teacher_messages(problem: str, context: str) -> list[dict[str, str]]:
+    """The student's user message with the privileged ``context`` between the problem and the
+    instruction: one user turn, so the teacher is asked the same task the student answered."""
+    return [{"role": "user", "content": f"{problem}\n\n{context}\n\n{ANSWER_INSTRUCTION}"}]
 
 
 def build_prompt(tokenizer: Any, messages: list[dict[str, str]], enable_thinking: bool = True) -> str:

@@ -1,0 +1,420 @@
+"""OPSD: student/teacher alignment, selection by condition, the privileged context, rounds and
+their files, teacher variants (frozen, live, ema, LoRA), and the redundancy map."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from compaction.data import GRADE_COLUMNS, ROLLOUT_COLUMNS
+
+REPO = Path(__file__).resolve().parents[1]
+# One small round: 3 prompts x 2 samples of at most 24 tokens.
+SMALL = ["opsd.rounds=1", "opsd.prompts_per_round=3", "opsd.samples_per_prompt=2", "opsd.max_new_tokens=24",
+         "opsd.redundancy_map_samples=3"]
+METRICS = ("loss", "selected_fraction", "accuracy", "mean_response_tokens", "p90_response_tokens",
+           "truncation_rate", "epistemic_rate", "divergence_mean", "divergence_p50", "divergence_p90",
+           "divergence_max", "grad_norm", "seconds", "empty_round")
+
+
+def opsd_params(smoke_params, *sets):
+    from compaction.params import load_params
+
+    return load_params(REPO / "params" / "smoke.yaml", [*SMALL, *sets], base=Path(smoke_params.paths.root))
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model):
+    from compaction.model import load_model, load_tokenizer
+
+    model = load_model(tiny_model, dtype="float32").eval()
+    return load_tokenizer(tiny_model, padding_side="right"), model
+
+
+@pytest.fixture(scope="module")
+def train_problems(smoke_data):
+    from compaction.data import load_problems
+
+    return load_problems(smoke_data["problems"], "train")
+
+
+def fake_rollouts(tokenizer, problems: pd.DataFrame, responses: list[str]) -> pd.DataFrame:
+    """Rollouts as the job holds them (student prompt, sampled ids) with the given texts as y."""
+    from compaction.model import build_prompt, build_student_messages
+
+    rows = []
+    for i, ((_, p), text) in enumerate(zip(problems.iterrows(), responses)):
+        y = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append({"rollout_id": f"r{i}", "problem_id": p["problem_id"], "response": text,
+                     "prompt": build_prompt(tokenizer, build_student_messages(p["problem"])),
+                     "response_token_ids": y, "response_tokens": len(y)})
+    return pd.DataFrame(rows)
+
+
+RESPONSES = ["<think>\n3 + 4 = 7. Wait, let me check: 3 + 4 = 7.\n</think>\nThe answer is $\\boxed{7}$.",
+             "x = 2", "Hmm. 12 / 4 = 3, so the answer is $\\boxed{3}$. Let me verify that again."]
+
+
+# --------------------------------------------------------------------------- alignment
+@pytest.mark.parametrize("kind", ["reverse_kl", "forward_kl", "jsd", "sampled_token"])
+def test_identical_prompts_and_weights_give_zero_divergence(lm, train_problems, kind):
+    from compaction.distillation import DistillationStudent, build_pairs, pack_pairs, response_hidden
+    from compaction.scoring import lm_head_weight
+
+    tokenizer, model = lm
+    rollouts = fake_rollouts(tokenizer, train_problems.head(3), RESPONSES)
+    same_prompt = dict(zip(rollouts["problem_id"], rollouts["prompt"]))  # the teacher sees what the student sees
+    pairs = build_pairs(tokenizer, rollouts, same_prompt)
+    student_batch, teacher_batch = pack_pairs(pairs, tokenizer.pad_token_id)
+    with torch.no_grad():
+        t_rows, t_targets = response_hidden(model, teacher_batch)
+    student = DistillationStudent(model, kind, beta=0.5, temperature=1.0, clip=None, backend="torch")
+    values = student(**student_batch, teacher_hidden=t_rows, teacher_weight=lm_head_weight(model),
+                     teacher_targets=t_targets)
+    assert values.shape == (sum(p.n_tokens for p in pairs),)
+    assert values.abs().max().item() < 1e-6
+
+
+def test_gathered_rows_give_the_plain_forward_logprobs(lm, train_problems, smoke_params):
+    from compaction.distillation import build_pairs, pack_pairs, response_hidden, teacher_prompt
+    from compaction.scoring import lm_head_weight
+    from kernels import linear_logprobs
+
+    tokenizer, model = lm
+    problems = train_problems.head(3)
+    rollouts = fake_rollouts(tokenizer, problems, RESPONSES)
+    prompts = {p["problem_id"]: teacher_prompt(tokenizer, smoke_params.opsd, p, True) for _, p in problems.iterrows()}
+    pairs = build_pairs(tokenizer, rollouts, prompts)
+    student_batch, teacher_batch = pack_pairs(pairs, tokenizer.pad_token_id)
+    for batch, side in ((student_batch, "student"), (teacher_batch, "teacher")):
+        with torch.no_grad():
+            rows, targets = response_hidden(model, batch)
+            gathered = linear_logprobs(rows, lm_head_weight(model), targets, backend="torch")
+            expected = []
+            for p in pairs:  # one unpadded sequence at a time, full logits
+                ids, start = getattr(p, f"{side}_ids"), getattr(p, f"{side}_start")
+                logp = model(torch.tensor([ids])).logits.log_softmax(-1)[0]
+                y = torch.tensor(ids[start:])
+                expected.append(logp[start - 1: len(ids) - 1].gather(1, y[:, None])[:, 0])
+        torch.testing.assert_close(gathered, torch.cat(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_teacher_sees_the_privileged_context_and_the_same_response(lm, train_problems, smoke_params):
+    from compaction.distillation import build_pairs, pack_pairs, response_rows, teacher_prompt
+
+    tokenizer, _ = lm
+    problems = train_problems.head(3)
+    rollouts = fake_rollouts(tokenizer, problems, RESPONSES)
+    prompts = {p["problem_id"]: teacher_prompt(tokenizer, smoke_params.opsd, p, True) for _, p in problems.iterrows()}
+    pairs = build_pairs(tokenizer, rollouts, prompts)
+    for pair, (_, problem), (_, rollout) in zip(pairs, problems.iterrows(), rollouts.iterrows()):
+        student_text = tokenizer.decode(pair.student_ids[:pair.student_start])
+        teacher_text = tokenizer.decode(pair.teacher_ids[:pair.teacher_start])
+        assert problem["problem"] in student_text and problem["problem"] in teacher_text
+        assert problem["solution"] in teacher_text and problem["solution"] not in student_text
+        assert "<|im_start|>assistant" in teacher_text  # the model's own chat template
+        y = list(rollout["response_token_ids"])
+        assert pair.student_ids[pair.student_start:] == y == pair.teacher_ids[pair.teacher_start:]
+        assert pair.teacher_start > pair.student_start
+    student_batch, teacher_batch = pack_pairs(pairs, tokenizer.pad_token_id)
+    hidden = torch.zeros(len(pairs), student_batch["input_ids"].shape[1], 1)
+    _, s_targets = response_rows(hidden, student_batch["input_ids"], student_batch["score_mask"])
+    hidden = torch.zeros(len(pairs), teacher_batch["input_ids"].shape[1], 1)
+    _, t_targets = response_rows(hidden, teacher_batch["input_ids"], teacher_batch["score_mask"])
+    all_y = torch.tensor([t for y in rollouts["response_token_ids"] for t in y])
+    assert torch.equal(s_targets, all_y) and torch.equal(t_targets, all_y)
+
+
+# --------------------------------------------------------------------------- privileged context
+def test_privileged_context_kinds_and_fallback(smoke_params):
+    from compaction.distillation import privileged_context
+
+    row = {"problem_id": "p1", "problem": "What is 2 + 2?", "solution": "2 + 2 = 4. $\\boxed{4}$", "answer": "4"}
+    cfg = smoke_params.opsd.model_copy()
+    assert privileged_context(cfg, row) == "Reference solution:\n2 + 2 = 4. $\\boxed{4}$"
+    cfg.context = "answer"
+    assert privileged_context(cfg, row) == "Reference answer: 4"
+    cfg.context_template = "Known: {answer} ({solution}) for {problem} {{literal}}"
+    cfg.context = "template"
+    assert privileged_context(cfg, row) == "Known: 4 (2 + 2 = 4. $\\boxed{4}$) for What is 2 + 2? {literal}"
+    no_solution = {**row, "solution": None}
+    cfg.missing_solution = "answer"
+    assert privileged_context(cfg, no_solution) == "Reference answer: 4"
+    cfg.context, cfg.missing_solution = "solution", "error"
+    with pytest.raises(ValueError, match="p1"):
+        privileged_context(cfg, no_solution)
+
+
+def test_missing_solution_error_names_the_problem_before_any_work(smoke_params, smoke_data, tiny_model, tmp_path):
+    from compaction.data import load_problems, write_problems
+    from jobs import opsd
+
+    problems = load_problems(smoke_data["problems"])
+    victim = problems.index[problems["split"] == "train"][5]
+    problems.loc[victim, "solution"] = None
+    path = write_problems(problems, tmp_path / "problems.parquet")
+    params = opsd_params(smoke_params, "opsd.missing_solution=error")
+    with pytest.raises(ValueError, match=problems.loc[victim, "problem_id"]):
+        opsd.run(params, tiny_model, str(path), tmp_path / "out", "correct")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_template_placeholder_fails_before_any_work(smoke_params, smoke_data, tiny_model, tmp_path):
+    from jobs import opsd
+
+    params = opsd_params(smoke_params, "opsd.context=template", "opsd.context_template='{problem} Hint: {hint}'")
+    with pytest.raises(ValueError, match=r"\{hint\}"):
+        opsd.run(params, tiny_model, smoke_data["problems"], tmp_path / "out", "all")
+    assert not (tmp_path / "out").exists()
+
+
+def test_baseline_returns_the_policy_unchanged(smoke_params, smoke_data, tiny_model, tmp_path):
+    from jobs import opsd
+
+    assert opsd.run(opsd_params(smoke_params), tiny_model, smoke_data["problems"], tmp_path / "out",
+                    "baseline") == tiny_model
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- selection
+def graded_groups(passes: list[int], size: int = 4) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Rollouts in groups of ``size``; group g has passes[g] correct rollouts."""
+    rows, grades = [], []
+    for g, n_correct in enumerate(passes):
+        for k in range(size):
+            rid = f"g{g}s{k}"
+            rows.append({"rollout_id": rid, "problem_id": f"p{g}", "group": g})
+            grades.append({"rollout_id": rid, "problem_id": f"p{g}", "correct": k < n_correct,
+                           "status": "ok" if k < n_correct + 1 else "no_answer"})
+    return pd.DataFrame(rows), pd.DataFrame(grades).sample(frac=1.0, random_state=0)  # grades joined by id
+
+
+def test_each_condition_selects_exactly_its_rollouts():
+    from compaction.selection import select_rollouts
+
+    rollouts, grades = graded_groups([4, 2, 1, 0])  # pass rates 1, .5, .25, 0
+    verdict = dict(zip(grades["rollout_id"], grades["correct"]))
+    ids = lambda df: list(df["rollout_id"])  # noqa: E731
+
+    def pick(condition, unit="rollout", threshold=0.5):
+        return select_rollouts(rollouts, grades, condition, unit, threshold)
+
+    every = list(rollouts["rollout_id"])
+    assert ids(pick("all")) == every and ids(pick("all", "group")) == every
+    assert ids(pick("correct")) == [r for r in every if verdict[r]]
+    assert ids(pick("incorrect")) == [r for r in every if not verdict[r]]
+    in_groups = lambda gs: [r for r, g in zip(every, rollouts["group"]) if g in gs]  # noqa: E731
+    assert ids(pick("correct", "group")) == in_groups({0, 1})  # pass rate >= .5, whole groups
+    assert ids(pick("incorrect", "group")) == in_groups({2, 3})  # the complement
+    assert ids(pick("correct", "group", 0.75)) == in_groups({0})
+    assert ids(pick("incorrect", "group", 0.75)) == in_groups({1, 2, 3})
+    sel = pick("correct")
+    assert list(sel.columns) == ["rollout_id", "problem_id", "group", "correct", "status", "group_pass_rate"]
+    assert sel["correct"].all() and list(sel["status"]) == ["ok"] * len(sel)
+    with pytest.raises(ValueError, match="condition"):
+        pick("baseline")
+
+
+# --------------------------------------------------------------------------- real rounds
+@pytest.fixture(scope="module")
+def frozen_run(smoke_params, smoke_data, tiny_model, tmp_path_factory):
+    """One round, frozen teacher, reverse KL, condition `incorrect` by rollout."""
+    from jobs import opsd
+
+    out = tmp_path_factory.mktemp("opsd") / "incorrect"
+    final = opsd.run(opsd_params(smoke_params), tiny_model, smoke_data["problems"], out, "incorrect")
+    return out, final
+
+
+def test_a_round_writes_its_files_and_metrics(frozen_run, tiny_model):
+    from compaction.redundancy_map import MAP_COLUMNS
+    from compaction.selection import select_rollouts
+
+    out, final = frozen_run
+    r = out / "round-0000"
+    assert final == str(r / "model")
+    assert {"rollouts.parquet", "grades.parquet", "selected.parquet", "metrics.json", "model", "state",
+            "redundancy_map.parquet"} <= {p.name for p in r.iterdir()}
+    assert not (r / "teacher").exists() and not list(out.glob(".*tmp"))
+    ro, gr, sel = (pd.read_parquet(r / f) for f in ("rollouts.parquet", "grades.parquet", "selected.parquet"))
+    assert set(ROLLOUT_COLUMNS) <= set(ro.columns) and list(gr.columns) == list(GRADE_COLUMNS)
+    assert len(ro) == 3 * 2 and list(ro["rollout_id"]) == list(gr["rollout_id"])
+    assert all(len(ids) == n for ids, n in zip(ro["response_token_ids"], ro["response_tokens"]))
+    # The round trained on exactly the rollouts its verdicts select.
+    assert list(sel["rollout_id"]) == list(gr.loc[~gr["correct"], "rollout_id"])
+    pd.testing.assert_frame_equal(sel, select_rollouts(ro, gr, "incorrect", "rollout"))
+    m = json.loads((r / "metrics.json").read_text())
+    for key in METRICS:
+        assert f"opsd/{key}" in m, key
+    assert m["opsd/selected_fraction"] == len(sel) / len(ro)
+    assert m["opsd/selected_tokens"] == ro.loc[ro["rollout_id"].isin(sel["rollout_id"]), "response_tokens"].sum()
+    if len(sel):
+        assert m["opsd/empty_round"] == 0 and m["opsd/grad_norm"] > 0
+        assert m["opsd/loss"] == pytest.approx(m["opsd/divergence_mean"], rel=1e-5)
+        a, b = weights(tiny_model), weights(final)
+        assert any(not torch.equal(a[k], b[k]) for k in a)  # the student moved
+    # The redundancy map: a seeded choice of the round's rollouts, every token of each, in order.
+    rmap = pd.read_parquet(r / "redundancy_map.parquet")
+    assert set(MAP_COLUMNS) <= set(rmap.columns) and rmap["rollout_id"].nunique() == 3
+    for rid, g in rmap.groupby("rollout_id"):
+        ids = list(ro.loc[ro["rollout_id"] == rid, "response_token_ids"].iloc[0])
+        assert list(g["position"]) == list(range(len(ids))) and list(g["token_id"]) == ids
+    assert np.isfinite(rmap["divergence"]).all() and (rmap["divergence"] >= -1e-6).all()
+
+
+def test_a_killed_job_restarts_at_the_first_missing_round(frozen_run, smoke_params, smoke_data, tiny_model):
+    from jobs import opsd
+
+    out, _ = frozen_run
+    first = out / "round-0000" / "metrics.json"
+    stamp = first.stat().st_mtime_ns
+    params = opsd_params(smoke_params, "opsd.rounds=2")
+    final = opsd.run(params, tiny_model, smoke_data["problems"], out, "incorrect")
+    assert final == str(out / "round-0001" / "model") and first.stat().st_mtime_ns == stamp
+    r0, r1 = (pd.read_parquet(out / f"round-000{k}" / "rollouts.parquet") for k in (0, 1))
+    assert set(r0["rollout_id"]).isdisjoint(r1["rollout_id"]) and (r1["round"] == 1).all()
+    # The redundancy map scores the same round-0 rollouts in every round.
+    m0, m1 = (pd.read_parquet(out / f"round-000{k}" / "redundancy_map.parquet") for k in (0, 1))
+    assert list(m0["rollout_id"]) == list(m1["rollout_id"]) and list(m0["token_id"]) == list(m1["token_id"])
+
+
+def test_ema_teacher_round(smoke_params, smoke_data, tiny_model, tmp_path):
+    from jobs import opsd
+
+    params = opsd_params(smoke_params, "opsd.teacher=ema", "opsd.ema_decay=0.9", "opsd.divergence=jsd",
+                         "opsd.unit=group", "opsd.lr=1e-2")
+    final = opsd.run(params, tiny_model, smoke_data["problems"], tmp_path / "out", "all")
+    r = tmp_path / "out" / "round-0000"
+    policy, student, teacher = weights(tiny_model), weights(final), weights(r / "teacher")
+    m = json.loads((r / "metrics.json").read_text())
+    assert m["opsd/empty_round"] == 0 and m["opsd/selected_fraction"] == 1.0
+    # One optimizer step: teacher = 0.9 * starting policy + 0.1 * new student.
+    for k in policy:
+        torch.testing.assert_close(teacher[k], 0.9 * policy[k] + 0.1 * student[k], rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(policy[k], teacher[k]) for k in policy)
+
+
+def test_live_teacher_round_with_answer_context(smoke_params, smoke_data, tiny_model, tmp_path):
+    from jobs import opsd
+
+    params = opsd_params(smoke_params, "opsd.teacher=live", "opsd.divergence=sampled_token", "opsd.context=answer",
+                         "opsd.clip=5.0", "opsd.unit=group", "opsd.redundancy_map_samples=0")
+    final = opsd.run(params, tiny_model, smoke_data["problems"], tmp_path / "out", "incorrect")
+    r = tmp_path / "out" / "round-0000"
+    m = json.loads((r / "metrics.json").read_text())
+    gr, sel = pd.read_parquet(r / "grades.parquet"), pd.read_parquet(r / "selected.parquet")
+    ro = pd.read_parquet(r / "rollouts.parquet")
+    rate = gr.groupby(ro["group"].to_numpy())["correct"].mean()
+    assert set(sel["group"]) == set(rate.index[rate < 0.5])  # incorrect by group: pass rate below the threshold
+    assert not (r / "teacher").exists() and not (r / "redundancy_map.parquet").exists()
+    assert m["opsd/divergence_max"] <= 5.0 + 1e-6 or m["opsd/empty_round"] == 1
+    assert Path(final, "config.json").is_file()
+
+
+def test_empty_round_keeps_the_model_and_writes_its_folder(smoke_params, smoke_data, tiny_model, tmp_path):
+    from jobs import opsd
+
+    # The random-weight smoke model answers nothing correctly: `correct` selects nothing.
+    final = opsd.run(opsd_params(smoke_params), tiny_model, smoke_data["problems"], tmp_path / "out", "correct")
+    r = tmp_path / "out" / "round-0000"
+    gr, sel = pd.read_parquet(r / "grades.parquet"), pd.read_parquet(r / "selected.parquet")
+    assert list(sel["rollout_id"]) == list(gr.loc[gr["correct"], "rollout_id"])
+    if not gr["correct"].any():
+        m = json.loads((r / "metrics.json").read_text())
+        assert m["opsd/empty_round"] == 1 and m["opsd/loss"] == 0 and len(sel) == 0
+        a, b = weights(tiny_model), weights(final)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_round_saves_a_merged_model_and_the_adapter(smoke_params, smoke_data, tiny_model, tmp_path):
+    from peft import PeftModel
+
+    from compaction.distillation import build_pairs, pack_pairs, response_hidden
+    from compaction.model import load_model
+    from jobs import opsd
+
+    params = opsd_params(smoke_params, "opsd.lora=true", "opsd.lora_rank=4", "opsd.lr=1e-2")
+    final = opsd.run(params, tiny_model, smoke_data["problems"], tmp_path / "out", "all")
+    r = tmp_path / "out" / "round-0000"
+    assert (r / "adapter" / "adapter_config.json").is_file()
+    merged = load_model(final, dtype="float32").eval()  # model/ is a plain HF checkpoint
+    base = load_model(tiny_model, dtype="float32").eval()
+    adapted = PeftModel.from_pretrained(load_model(tiny_model, dtype="float32"), str(r / "adapter")).eval()
+    ids = torch.randint(0, merged.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(merged(ids).logits, base(ids).logits)
+    # The next round resumes the adapter, and its frozen teacher is the base (adapter disabled).
+    nxt = opsd.OPSDRound(params, str(r), tiny_model, smoke_data["problems"], tmp_path / "out", 1, "all")
+    nxt.setup()
+    ro = pd.read_parquet(r / "rollouts.parquet").head(2)
+    pairs = build_pairs(nxt.tokenizer, ro, nxt.teacher_prompts(ro["problem_id"].unique()))
+    student_batch, teacher_batch = pack_pairs(pairs, nxt.tokenizer.pad_token_id)
+    t_rows, _, _ = nxt.teacher_rows(teacher_batch)
+    with torch.no_grad():
+        torch.testing.assert_close(t_rows, response_hidden(base, teacher_batch)[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(response_hidden(nxt.policy, student_batch)[0],
+                                   response_hidden(merged, student_batch)[0], rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- redundancy map
+def test_redundancy_map_html_escapes_model_text(tmp_path, frozen_run):
+    from compaction.cli import main
+    from compaction.redundancy_map import render_html
+
+    df = pd.DataFrame({"rollout_id": ["a"] * 3 + ["b"], "position": [0, 1, 2, 0],
+                       "token": ["<script>alert(1)</script>", ' & "x"', "\n", "wait"],
+                       "divergence": [0.1, 2.0, 0.0, 5.0], "correct": [True] * 3 + [False]})
+    page = render_html(df)
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "&amp; &quot;x&quot;" in page and "incorrect" in page and 'class="legend"' in page
+    assert page.index("rollout a") < page.index("rollout b")
+    out, _ = frozen_run
+    html_path = tmp_path / "map.html"
+    assert main(["redundancy-map", str(out / "round-0000"), "--out", str(html_path)]) == 0
+    text = html_path.read_text()
+    assert text.startswith("<!doctype html>") and text.count('class="rollout"') == 3
+
+
+# --------------------------------------------------------------------------- distributed
+@pytest.mark.slow
+def test_two_processes_take_the_same_opsd_step_as_one(smoke_data, tiny_model, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # One prompt per generation chunk, so both processes sample and train (3 chunks: 2 + 1).
+    sets = [a for o in [*SMALL, "rollout.batch_size=2", "opsd.micro_batch_size=2"] for a in ("--set", o)]
+
+    def cmd(launcher, out):
+        return [*launcher, "jobs.opsd", "--params", "params/smoke.yaml", *sets, "--policy", tiny_model,
+                "--problems", smoke_data["problems"], "--out", str(out), "--condition", "all", "--round", "0"]
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run(cmd((sys.executable, "-m"), one), cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    launcher = (accelerate, "launch", "--config_file", "params/accelerate/cpu-2proc.yaml", "-m")
+    r = subprocess.run(cmd(launcher, two), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r1, r2 = one / "round-0000", two / "round-0000"
+    for name in ("rollouts.parquet", "selected.parquet", "redundancy_map.parquet"):
+        a, b = pd.read_parquet(r1 / name), pd.read_parquet(r2 / name)
+        if name == "redundancy_map.parquet":
+            assert list(a["token_id"]) == list(b["token_id"])
+            np.testing.assert_allclose(a["divergence"], b["divergence"], rtol=1e-3, atol=1e-6)
+        else:
+            pd.testing.assert_frame_equal(a, b)
+    m1, m2 = json.loads((r1 / "metrics.json").read_text()), json.loads((r2 / "metrics.json").read_text())
+    assert m2["opsd/loss"] == pytest.approx(m1["opsd/loss"], rel=1e-4, abs=1e-7)
+    assert m2["opsd/divergence_p90"] == pytest.approx(m1["opsd/divergence_p90"], rel=1e-4, abs=1e-7)
+    a, b = weights(r1 / "model"), weights(r2 / "model")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
