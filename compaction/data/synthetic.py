@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 from math import gcd
@@ -72,6 +73,16 @@ def _near_miss(rng: random.Random, value: int) -> str:
 
 def _max_operand(difficulty: int) -> int:
     return {1: 9, 2: 20, 3: 50, 4: 99}.get(difficulty, 10 ** min(difficulty - 2, 4) - 1)
+
+
+def max_number(difficulty: int) -> int:
+    """Largest number any step of a problem at this difficulty may show (operands and results).
+
+    This bounds the number of distinct arithmetic facts per level: a tiny model trained for a
+    few minutes learns a fact only after ~100 exposures (docs/tuning.md), so difficulty 1 must
+    be a small, closed set of facts that the eval split shares with the training split.
+    """
+    return {1: 20, 2: 50, 3: 100}.get(difficulty, 10 ** min(difficulty - 1, 5))
 
 
 # ------------------------------------------------------------------------ families
@@ -268,9 +279,18 @@ def thinking_trace(p: SyntheticProblem, rng: random.Random, redundancy_rate: flo
 
 
 # -------------------------------------------------------------------- generation
+_NUMBER = re.compile(r"\d+")
+
+
 def _draw(rng: random.Random, families: list[str], difficulty: tuple[int, int]) -> SyntheticProblem:
     family = rng.choice(families)
-    return FAMILIES[family](rng, rng.randint(difficulty[0], difficulty[1]))
+    level = rng.randint(difficulty[0], difficulty[1])
+    bound = max_number(level)
+    for _ in range(100):  # redraw until every number in the steps is within the level's bound
+        p = FAMILIES[family](rng, level)
+        if all(int(n) <= bound for s in p.steps for n in _NUMBER.findall(s.text)):
+            return p
+    return p  # a family that cannot meet the bound at this level keeps its last draw
 
 
 def _row(p: SyntheticProblem, split: str) -> dict:
