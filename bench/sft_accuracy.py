@@ -1,6 +1,7 @@
-"""SFT (and RLVR) accuracy on the embedded domain: train, then avg@k on the eval split, per family.
+"""SFT, RLVR and OPSD accuracy on the embedded domain: train, then avg@k on the eval split, per family.
 
-    .venv/bin/python bench/sft_accuracy.py [--params params/demo.yaml] [--set key=value ...] [--home DIR] [--rlvr]
+    .venv/bin/python bench/sft_accuracy.py [--params params/demo.yaml] [--set key=value ...] [--home DIR]
+                                           [--rlvr] [--opsd all correct incorrect]
 
 With ``--rlvr`` the RLVR rounds of the params run after SFT and are evaluated the same way
 (issue 4's second bar: RLVR raises avg@8 by >= 10 points within 5 minutes). Stages are
@@ -52,6 +53,8 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--home", default=None, help="project folder (default: a temp dir)")
     ap.add_argument("--rlvr", action="store_true", help="also run the RLVR rounds and evaluate them")
+    ap.add_argument("--opsd", nargs="*", default=[], choices=["all", "correct", "incorrect"],
+                    help="then OPSD from the RLVR checkpoint under these conditions, each evaluated")
     args = ap.parse_args()
 
     from compaction.data import load_problems
@@ -59,7 +62,7 @@ def main() -> None:
     from compaction.model import load_tokenizer
     from compaction.params import load_params
     from compaction.rollout import HFEngine, Sampling, generate_rollouts
-    from jobs import prepare_data, prepare_model, rlvr, sft
+    from jobs import opsd, prepare_data, prepare_model, rlvr, sft
     from jobs.common import stage_dir
 
     home = Path(args.home or tempfile.mkdtemp(prefix="sft-accuracy-"))
@@ -87,17 +90,24 @@ def main() -> None:
               f"truncated {(rollouts['finish_reason'] == 'length').mean():.3f}")
         print(f"result-digit greedy error: base {base_err:.3f} -> {stage} {result_digit_error(ckpt, sample):.3f}")
         print(rollouts.groupby("family")["correct"].mean().round(3).to_string())
-        return float(rollouts["correct"].mean())
+        return float(rollouts["correct"].mean()), float(rollouts["response_tokens"].mean())
 
     t0 = time.perf_counter()
     ckpt = sft.run(params, base, refs["traces"], stage_dir(params, "sft", params.section_hash("data", "model", "sft")))
-    sft_acc = report("SFT", ckpt, time.perf_counter() - t0)
-    if args.rlvr:
+    sft_acc, _ = report("SFT", ckpt, time.perf_counter() - t0)
+    if args.rlvr or args.opsd:
         t0 = time.perf_counter()
         out = stage_dir(params, "rlvr", params.section_hash("data", "model", "sft", "rlvr"))
         rl_ckpt = rlvr.run(params, ckpt, refs["problems"], out)
-        rl_acc = report("RLVR", rl_ckpt, time.perf_counter() - t0)
+        rl_acc, rl_len = report("RLVR", rl_ckpt, time.perf_counter() - t0)
         print(f"\nRLVR - SFT: {100 * (rl_acc - sft_acc):+.1f} points avg@{params.eval.k}")
+    for condition in args.opsd:
+        t0 = time.perf_counter()
+        out = stage_dir(params, f"opsd-{condition}", params.section_hash("data", "model", "sft", "rlvr", "opsd"))
+        o_ckpt = opsd.run(params, rl_ckpt, refs["problems"], out, condition)
+        o_acc, o_len = report(f"OPSD-{condition}", o_ckpt, time.perf_counter() - t0)
+        print(f"\nOPSD-{condition} vs RLVR: accuracy {100 * (o_acc - rl_acc):+.1f} points, "
+              f"mean response tokens {100 * (o_len / rl_len - 1):+.1f}%")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,13 @@ class SyntheticDomain(Section):
         "'wait'/'hmm' hesitation, detour that comes back).",
     )
     traces_per_problem: int = Field(1, ge=1, description="SFT traces sampled per training problem.")
+    privileged_fraction: float = Field(
+        0.25, ge=0.0, le=1.0,
+        description="Fraction of training problems that get one more SFT example whose prompt also shows "
+        "the reference solution (the OPSD teacher's prompt) and whose trace follows it without "
+        "redundant moves: the in-context use of a solution that a real base model brings from "
+        "pre-training, and that a model trained from scratch must be shown (docs/decisions.md).",
+    )
 
 
 class DatasetSpec(Section):

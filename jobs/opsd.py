@@ -45,7 +45,7 @@ from compaction.distillation import (
     DistillationStudent, Pair, add_lora, build_pairs, check_context, check_solutions, ema_update, lora_scalings,
     merged_lora_weights, pack_pairs, response_hidden, teacher_prompt,
 )
-from compaction.grading import grade_rollouts
+from compaction.grading import Grader, grade_rollouts
 from compaction.logs import get_logger
 from compaction.metrics import epistemic_rate, response_length_stats
 from compaction.model import load_model, load_tokenizer
@@ -70,6 +70,7 @@ class OPSDRound:
         self.prev_ref, self.policy_ref, self.problems_path = prev_ref, policy_ref, problems_path
         self.out, self.round, self.condition = out, round_, condition
         self.log = get_logger()
+        self.grader: Grader | None = None  # running workers shared by the job's rounds
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -137,7 +138,7 @@ class OPSDRound:
 
     # ---------------------------------------------------------------- grade
     def grade(self, rollouts: pd.DataFrame) -> pd.DataFrame:
-        return grade_rollouts(rollouts, answers=self.problems[["problem_id", "answer"]],
+        return grade_rollouts(rollouts, answers=self.problems[["problem_id", "answer"]], grader=self.grader,
                               workers=self.p.grading.workers, timeout_s=self.p.grading.timeout_s)
 
     # --------------------------------------------------------------- select
@@ -326,13 +327,14 @@ def check_job(params: Params, problems_path: str, condition: str) -> None:
 
 
 def run_round(params: Params, prev_ref: str, policy_ref: str, problems_path: str, out: str | Path, round_: int,
-              condition: str) -> str:
+              condition: str, grader: Grader | None = None) -> str:
     """Run round ``round_`` from ``prev_ref`` (the starting policy, or the previous round's folder)."""
     out = Path(out)
     if round_completed(out, round_):
         return str(round_dir(out, round_))
     t0 = time.perf_counter()
     r = OPSDRound(params, prev_ref, policy_ref, problems_path, out, round_, condition)
+    r.grader = grader
     r.setup()
     rollouts = r.rollouts()
     grades = r.grade(rollouts)
@@ -364,8 +366,10 @@ def run(params: Params, policy_ref: str, problems_path: str, out: str | Path, co
     check_job(params, problems_path, condition)
     out = Path(out)
     prev = policy_ref
-    for k in range(params.opsd.rounds):
-        prev = run_round(params, prev, policy_ref, problems_path, out, k, condition)
+    # One pool of grading workers for all rounds (starting one costs ~1.8 s).
+    with Grader(params.grading.workers, params.grading.timeout_s) as grader:
+        for k in range(params.opsd.rounds):
+            prev = run_round(params, prev, policy_ref, problems_path, out, k, condition, grader)
     return str(Path(prev) / "model") if params.opsd.rounds else policy_ref
 
 

@@ -35,7 +35,7 @@ import torch
 
 from compaction.artifacts import write_parquet
 from compaction.data import load_problems
-from compaction.grading import grade_rollouts
+from compaction.grading import Grader, grade_rollouts
 from compaction.logs import get_logger
 from compaction.metrics import response_length_stats
 from compaction.model import load_model, load_tokenizer
@@ -62,6 +62,7 @@ class RLVRRound:
         self.prev_ref, self.reference_ref, self.problems_path = prev_ref, reference_ref, problems_path
         self.out, self.round = out, round_
         self.log = get_logger()
+        self.grader: Grader | None = None  # running workers shared by the job's rounds
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -101,7 +102,7 @@ class RLVRRound:
 
     # ---------------------------------------------------------------- grade
     def grade(self, rollouts: pd.DataFrame) -> pd.DataFrame:
-        return grade_rollouts(rollouts, answers=self.problems[["problem_id", "answer"]],
+        return grade_rollouts(rollouts, answers=self.problems[["problem_id", "answer"]], grader=self.grader,
                               workers=self.p.grading.workers, timeout_s=self.p.grading.timeout_s)
 
     # --------------------------------------------------------------- update
@@ -223,13 +224,14 @@ class RLVRRound:
 
 
 def run_round(params: Params, prev_ref: str, reference_ref: str, problems_path: str, out: str | Path,
-              round_: int) -> str:
+              round_: int, grader: Grader | None = None) -> str:
     """Run round ``round_`` from ``prev_ref`` (a checkpoint, or the previous round's folder)."""
     out = Path(out)
     if round_completed(out, round_):
         return str(round_dir(out, round_))
     t0 = time.perf_counter()
     r = RLVRRound(params, prev_ref, reference_ref, problems_path, out, round_)
+    r.grader = grader
     r.setup()
     rollouts = r.rollouts()
     grades = r.grade(rollouts)
@@ -256,8 +258,10 @@ def run(params: Params, policy_ref: str, problems_path: str, out: str | Path) ->
     """All rounds; returns the last round's model folder (the RLVR checkpoint)."""
     out = Path(out)
     prev = policy_ref
-    for k in range(params.rlvr.rounds):
-        prev = run_round(params, prev, policy_ref, problems_path, out, k)
+    # One pool of grading workers for all rounds (starting one costs ~1.8 s, a round ~10 s).
+    with Grader(params.grading.workers, params.grading.timeout_s) as grader:
+        for k in range(params.rlvr.rounds):
+            prev = run_round(params, prev, policy_ref, problems_path, out, k, grader)
     return str(Path(prev) / "model") if params.rlvr.rounds else policy_ref
 
 

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from compaction.artifacts import read_parquet
 from compaction.logs import get_logger
-from compaction.model import build_prompt, build_student_messages, load_model, load_tokenizer
+from compaction.model import build_prompt, build_student_messages, build_teacher_messages, load_model, load_tokenizer
+from compaction.model.prompts import SOLUTION_CONTEXT
 from compaction.params import Params
 from compaction.scoring import TokenScorer
 from compaction.training import (
@@ -37,10 +38,16 @@ from jobs.common import params_from, parse, parser
 
 
 def build_examples(tokenizer, traces, max_seq_len: int, enable_thinking: bool) -> list[tuple[list[int], int]]:
-    """(token ids of prompt + response + end token, index of the first response token) per trace."""
+    """(token ids of prompt + response + end token, index of the first response token) per trace.
+
+    A trace with a ``context`` (reference solution) is prompted exactly as the OPSD teacher is.
+    """
     examples = []
-    for problem, response in zip(traces["problem"], traces["response"]):
-        prompt = build_prompt(tokenizer, build_student_messages(problem), enable_thinking)
+    contexts = traces["context"] if "context" in traces.columns else [None] * len(traces)
+    for problem, context, response in zip(traces["problem"], contexts, traces["response"]):
+        messages = (build_student_messages(problem) if not isinstance(context, str)
+                    else build_teacher_messages(problem, SOLUTION_CONTEXT.format(solution=context)))
+        prompt = build_prompt(tokenizer, messages, enable_thinking)
         p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         r_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids = (p_ids + r_ids)[:max_seq_len]

@@ -67,6 +67,21 @@ def test_redundancy_rate_controls_trace_length_and_markers():
         assert phrase in text
 
 
+def test_privileged_examples_show_the_solution_and_follow_it_concisely():
+    df = generate_problems(200, 0, seed=7)
+    traces = make_traces(df, 0.8, seed=1, privileged_fraction=0.3)
+    plain, privileged = traces[traces.context.isna()], traces[traces.context.notna()]
+    assert len(plain) == len(df)  # every problem keeps its ordinary trace
+    assert 0.2 * len(df) < len(privileged) < 0.4 * len(df)
+    solutions = dict(zip(df.problem_id, df.solution))
+    assert all(c == solutions[p] for p, c in zip(privileged.problem_id, privileged.context))
+    # Concise: exactly the reference steps, no redundant move.
+    concise = make_traces(df[df.problem_id.isin(set(privileged.problem_id))], 0.0).set_index("problem_id")
+    assert all(r == concise.loc[p, "response"] for p, r in zip(privileged.problem_id, privileged.response))
+    without = make_traces(df, 0.8, seed=1)  # fraction 0: the same ordinary traces, no extra rows
+    assert list(without.response) == list(plain.response) and without.context.isna().all()
+
+
 def test_trace_shape_is_thinking_then_boxed_answer():
     df = generate_problems(50, 0, seed=6)
     for trace, answer in zip(make_traces(df, 0.5).response, df.answer):

@@ -51,6 +51,27 @@ def test_sft_learns_and_writes_hf_checkpoint(smoke_params, smoke_data, tiny_mode
 
 
 @pytest.mark.slow
+def test_privileged_traces_are_prompted_like_the_opsd_teacher(smoke_params, smoke_data, tiny_model):
+    import pandas as pd
+
+    from compaction.data import load_problems
+    from compaction.distillation import teacher_prompt
+    from compaction.model import build_prompt, build_student_messages, load_tokenizer
+    from jobs.sft import build_examples
+
+    tok = load_tokenizer(tiny_model)
+    traces = pd.read_parquet(smoke_data["traces"])
+    assert traces.context.notna().any() and traces.context.isna().any()
+    examples = build_examples(tok, traces, 512, True)
+    problems = load_problems(smoke_data["problems"], "train").set_index("problem_id", drop=False)
+    for (ids, start), (_, t) in zip(examples, traces.iterrows()):
+        if isinstance(t.context, str):  # the very prompt OPSD's teacher gets (context: solution)
+            expected = teacher_prompt(tok, smoke_params.opsd, problems.loc[t.problem_id], True)
+        else:
+            expected = build_prompt(tok, build_student_messages(t.problem), True)
+        assert tok.decode(ids[:start]) == expected
+
+
 def test_sigkill_then_resume_gives_the_same_weights(smoke_data, tiny_model, tmp_path):
     opts = ("sft.max_steps=10", "sft.save_every=2", "sft.micro_batch_size=4")
     # Uninterrupted reference run.

@@ -351,17 +351,29 @@ def problem_from_row(row) -> SyntheticProblem:
     return SyntheticProblem(row["family"], int(row["difficulty"]), row["problem"], row["answer"], steps, row["intro"])
 
 
-def make_traces(problems: pd.DataFrame, redundancy_rate: float, seed: int = 0, traces_per_problem: int = 1) -> pd.DataFrame:
-    """SFT traces for synthetic problems: ``problem_id, trace_index, problem, response, answer``."""
+def make_traces(problems: pd.DataFrame, redundancy_rate: float, seed: int = 0, traces_per_problem: int = 1,
+                privileged_fraction: float = 0.0) -> pd.DataFrame:
+    """SFT traces for synthetic problems: ``problem_id, trace_index, problem, context, response, answer``.
+
+    ``context`` is None for ordinary examples. For a seeded ``privileged_fraction`` of the
+    problems one more example shows the reference solution in the prompt (``context``) and
+    answers with the concise trace: a reader who holds the solution follows it without
+    re-checks or hesitations. This is what makes the OPSD teacher (the same model, prompted with
+    the solution) find the student's redundant moves unlikely.
+    """
     if "steps" not in problems.columns:
         raise ValueError("make_traces: problems have no 'steps' column (only synthetic problems have traces)")
     out = []
     for _, row in problems.iterrows():
         p = problem_from_row(row)
+        base = {"problem_id": row["problem_id"], "problem": row["problem"], "answer": row["answer"]}
         for k in range(traces_per_problem):
             rng = random.Random(f"{seed}:{row['problem_id']}:{k}")
-            out.append({
-                "problem_id": row["problem_id"], "trace_index": k, "problem": row["problem"],
-                "response": thinking_trace(p, rng, redundancy_rate), "answer": row["answer"],
-            })
-    return pd.DataFrame(out)
+            out.append({**base, "trace_index": k, "context": None,
+                        "response": thinking_trace(p, rng, redundancy_rate)})
+        if random.Random(f"{seed}:{row['problem_id']}:privileged").random() < privileged_fraction:
+            rng = random.Random(f"{seed}:{row['problem_id']}:{traces_per_problem}")
+            out.append({**base, "trace_index": traces_per_problem, "context": row["solution"],
+                        "response": thinking_trace(p, rng, 0.0)})
+    columns = ["problem_id", "trace_index", "problem", "context", "response", "answer"]
+    return pd.DataFrame(out, columns=columns)
