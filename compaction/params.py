@@ -259,6 +259,21 @@ class LauncherParams(Section):
     num_processes: int = Field(1, ge=1)
 
 
+class RegistryParams(Section):
+    """Registered model names and the gate that promotes a compacted model (no stage's cache key uses
+    this section, so changing it re-runs nothing)."""
+
+    rlvr_model: str = Field("rlvr", description="Registered model of RLVR checkpoints (alias `latest`).")
+    compacted_model: str = Field("compacted", description="Registered model of OPSD results (alias `candidate`).")
+    max_accuracy_drop: float = Field(
+        0.02, ge=0, description="Promotion gate: avg@k on every benchmark at most this far (absolute) below "
+        "the RLVR checkpoint's.",
+    )
+    require_shorter: bool = Field(
+        True, description="Promotion gate: mean response tokens on every benchmark below the RLVR checkpoint's.",
+    )
+
+
 class PathParams(Section):
     root: str = Field(
         ".", description="Project folder; relative to $COMPACTION_HOME or the working directory at load time."
@@ -281,6 +296,7 @@ class Params(Section):
     eval: EvalParams = Field(default_factory=EvalParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
     launcher: LauncherParams = Field(default_factory=LauncherParams)
+    registry: RegistryParams = Field(default_factory=RegistryParams)
 
     # -- derived, absolute locations -------------------------------------------------
     @property

@@ -103,11 +103,15 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
 
 
 def log_metrics_if_active(metrics: Mapping[str, float], step: int | None = None) -> None:
-    """``log_metrics`` when an MLflow run is active (a job launched by a task); never raises,
-    because tracking must not kill training."""
+    """``log_metrics`` when an MLflow run is active (a job launched by a task, inline or, through
+    ``MLFLOW_RUN_ID``, in a subprocess); never raises, because tracking must not kill training."""
     try:
         import mlflow
 
+        if mlflow.active_run() is None and os.environ.get("MLFLOW_RUN_ID"):
+            # A job launched by a task in a subprocess (accelerate): the task put its stage run's
+            # id in MLFLOW_RUN_ID (with MLFLOW_TRACKING_URI); attach to it once.
+            mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"])
         if mlflow.active_run() is not None:
             log_metrics(metrics, step=step)
     except Exception:

@@ -1,0 +1,155 @@
+"""The MLflow model registry as the pipeline uses it: checkpoints in, ``models:/`` URIs out.
+
+A checkpoint is logged with ``log_artifacts`` under ``checkpoint/`` of a run and registered with
+``MlflowClient.create_model_version(name, source="runs:/<id>/checkpoint", run_id=id)``
+(``mlflow.register_model`` and ``mlflow.transformers.log_model`` both fail here, see
+FIELD-NOTES). Registration is idempotent: a version remembers the folder it was made from
+(tag ``source_dir``), and registering the same folder again returns that version, so a cached
+rerun of a flow does not mint a new version (whose new path would change every downstream
+cache key).
+
+``resolve_checkpoint`` turns ``models:/name/version`` or ``models:/name@alias`` into a local
+checkpoint folder: the artifact folder itself when the store is local (``file://``), else a
+download under ``<artifacts>/registry/<name>/<version>/`` (renamed into place when complete).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from compaction.artifacts import atomic_dir
+from compaction.params import TrackingParams
+
+URI_PATTERN = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
+SOURCE_TAG = "source_dir"
+CHECKPOINT_ARTIFACT = "checkpoint"
+
+
+@dataclass(frozen=True)
+class ModelVersionRef:
+    name: str
+    version: str
+    run_id: str | None
+    source: str
+    tags: Mapping[str, str]
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def is_model_uri(ref: str) -> bool:
+    return ref.startswith("models:/")
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/name/3`` -> (name, "3", None); ``models:/name@alias`` -> (name, None, alias)."""
+    m = URI_PATTERN.match(uri)
+    if not m:
+        raise ValueError(f"{uri!r}: expected models:/<name>/<version> or models:/<name>@<alias>")
+    return m["name"], m["version"], m["alias"]
+
+
+def _client(tracking: TrackingParams):
+    from compaction.tracking import configure
+
+    import mlflow
+
+    return mlflow.MlflowClient(configure(tracking))
+
+
+def _ref(mv) -> ModelVersionRef:
+    return ModelVersionRef(mv.name, str(mv.version), mv.run_id, mv.source, dict(mv.tags or {}))
+
+
+def find_version(tracking: TrackingParams, name: str, source_dir: str | Path) -> ModelVersionRef | None:
+    """The version of ``name`` registered from ``source_dir``, if any."""
+    client = _client(tracking)
+    src = str(Path(source_dir).resolve())
+    for mv in client.search_model_versions(f"name = '{name}'"):
+        if (mv.tags or {}).get(SOURCE_TAG) == src:
+            return _ref(mv)
+    return None
+
+
+def register_checkpoint(tracking: TrackingParams, name: str, checkpoint_dir: str | Path, run_id: str,
+                        tags: Mapping[str, str] | None = None, description: str | None = None) -> ModelVersionRef:
+    """Log ``checkpoint_dir`` under ``checkpoint/`` of run ``run_id`` and register it as a version of
+    ``name``; returns the existing version when this folder was registered before."""
+    ckpt = Path(checkpoint_dir).resolve()
+    if not (ckpt / "config.json").is_file():
+        raise FileNotFoundError(f"{ckpt}: not a checkpoint folder (no config.json)")
+    existing = find_version(tracking, name, ckpt)
+    if existing is not None:
+        return existing
+    client = _client(tracking)
+    client.log_artifacts(run_id, str(ckpt), CHECKPOINT_ARTIFACT)
+    try:
+        client.create_registered_model(name)
+    except Exception:  # already exists (RESOURCE_ALREADY_EXISTS)
+        pass
+    all_tags = {SOURCE_TAG: str(ckpt), **(tags or {})}
+    mv = client.create_model_version(name, source=f"runs:/{run_id}/{CHECKPOINT_ARTIFACT}", run_id=run_id,
+                                     tags=all_tags, description=description)
+    return _ref(mv)
+
+
+def set_alias(tracking: TrackingParams, name: str, alias: str, version: str) -> None:
+    _client(tracking).set_registered_model_alias(name, alias, str(version))
+
+
+def set_version_tag(tracking: TrackingParams, name: str, version: str, key: str, value: str) -> None:
+    _client(tracking).set_model_version_tag(name, str(version), key, value)
+
+
+def get_version(tracking: TrackingParams, uri: str) -> ModelVersionRef:
+    """The registry entry behind ``models:/name/version`` or ``models:/name@alias``."""
+    name, version, alias = parse_model_uri(uri)
+    client = _client(tracking)
+    try:
+        mv = client.get_model_version(name, version) if version else client.get_model_version_by_alias(name, alias)
+    except Exception as exc:
+        raise LookupError(f"{uri}: not in the registry at {tracking.tracking_uri} ({exc})") from None
+    return _ref(mv)
+
+
+def list_versions(tracking: TrackingParams, name: str) -> list[ModelVersionRef]:
+    """Every version of ``name``, oldest first (empty when the model is not registered)."""
+    client = _client(tracking)
+    versions = [_ref(mv) for mv in client.search_model_versions(f"name = '{name}'")]
+    return sorted(versions, key=lambda v: int(v.version))
+
+
+def resolve_checkpoint(tracking: TrackingParams, ref: str, download_root: str | Path | None = None) -> str:
+    """A local checkpoint folder for ``ref``: a ``models:/`` URI through the registry, or a path that
+    must exist."""
+    if not is_model_uri(ref):
+        path = Path(ref)
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint {ref}: no such folder")
+        return str(path.resolve())
+    mv = get_version(tracking, ref)
+    client = _client(tracking)
+    location = client.get_model_version_download_uri(mv.name, mv.version)
+    if location.startswith("file://") or location.startswith("/"):
+        local = Path(location[len("file://"):] if location.startswith("file://") else location)
+        if not (local / "config.json").is_file():
+            raise FileNotFoundError(f"{ref} (version {mv.version}): artifact folder {local} is missing or incomplete")
+        return str(local)
+    if download_root is None:
+        raise ValueError(f"{ref}: remote artifact store ({location}) needs a download_root")
+    import mlflow
+
+    dest = Path(download_root) / mv.name / mv.version
+    if not (dest / "config.json").is_file():
+        with atomic_dir(dest) as tmp:
+            got = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(tmp)))
+            if got != tmp:  # the artifact folder lands inside dst_path under its own name
+                for item in got.iterdir():
+                    shutil.move(str(item), tmp / item.name)
+                shutil.rmtree(got, ignore_errors=True)
+    return str(dest)

@@ -1,0 +1,291 @@
+"""What every stage task shares: the cache policy, result storage, the launcher, MLflow runs.
+
+**Cache keys.** A stage's result depends on its input references (paths, ``models:/`` URIs made
+local), the params sections it reads, and its code. :class:`StagePolicy` hashes exactly those:
+the task's inputs except ``params`` (only the declared sections of it count) and the inputs
+that do not change the result (the MLflow parent run), plus the source of the task function
+and of its job module. The same hash names the output folder (:func:`stage_key`), so a cache
+record and the folder it points to always agree. A record is only used while its output is
+still on disk: when the output is missing the policy returns no key, and the task runs again.
+
+**Results** are persisted as files under ``<artifacts>/prefect-results`` (an absolute path:
+workers change directory; an unsaved LocalFileSystem block raises). Cache records are files,
+so they survive a new Prefect database.
+
+**Launcher.** ``launcher.kind: inline`` calls the job's ``run`` in-process, inside the stage's
+MLflow run. ``accelerate`` runs ``accelerate launch -m jobs.X --params <resolved params file>``
+in its own process group, streams its output into the Prefect run logger, raises with the last
+lines of its output when it fails, and kills the whole group when the task fails, is cancelled
+(Prefect turns SIGTERM into an exception) or its parent dies (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import functools
+import hashlib
+import inspect
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import CachePolicy
+from prefect.utilities.hashing import hash_objects
+
+from compaction.artifacts import atomic_path
+from compaction.params import Params, dump_params, load_params
+
+RESULTS_DIR = "prefect-results"
+PARAMS_DIR = "params"
+#: Output lines of a failed accelerate job quoted in the error.
+TAIL_LINES = 40
+
+
+# ----------------------------------------------------------------------------- params
+def load_flow_params(params: str, overrides: Sequence[str] = ()) -> Params:
+    """The flow's params: a relative file resolves against ``$COMPACTION_HOME`` or the working
+    directory (prefect.yaml's pull step sets it to the project); errors name the file and key."""
+    path = Path(params)
+    if not path.is_absolute():
+        path = Path(os.environ.get("COMPACTION_HOME", os.getcwd())) / path
+    return load_params(path, list(overrides or []))
+
+
+def section_payload(params: Params, sections: Sequence[str], exclude: Mapping[str, Sequence[str]] | None = None) -> dict:
+    """The named sections as plain dicts, minus fields that do not change a stage's result."""
+    dumped = params.model_dump(mode="json")
+    out = {}
+    for name in sections:
+        sec = dict(dumped[name])
+        for f in (exclude or {}).get(name, ()):
+            sec.pop(f, None)
+        out[name] = sec
+    return out
+
+
+def stage_key(params: Params, sections: Sequence[str], refs: Mapping[str, Any],
+              exclude: Mapping[str, Sequence[str]] | None = None) -> str:
+    """Output folder key of a stage: its params sections and its input references (16 hex)."""
+    payload = {"sections": section_payload(params, sections, exclude), "refs": dict(refs)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def params_file(params: Params) -> Path:
+    """The resolved params as YAML under ``<artifacts>/params/<hash>.yaml`` (for subprocesses)."""
+    text = dump_params(params)
+    path = Path(params.paths.artifacts) / PARAMS_DIR / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.yaml"
+    if not path.is_file():
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+    return path
+
+
+def results_dir(params: Params) -> Path:
+    return Path(params.paths.artifacts) / RESULTS_DIR
+
+
+# ----------------------------------------------------------------------------- cache
+@functools.lru_cache(maxsize=None)
+def _module_source_hash(module: str) -> str:
+    import importlib
+
+    return hashlib.sha256(inspect.getsource(importlib.import_module(module)).encode()).hexdigest()
+
+
+@dataclass
+class StagePolicy(CachePolicy):
+    """Key = the task's reference inputs + the declared params sections + task and job source.
+
+    ``ignore``: inputs that do not change the result (e.g. the MLflow parent run id).
+    ``exclude``: section fields that do not change the result (e.g. ``rlvr.rounds`` for one round).
+    ``valid``: ``valid(inputs) -> bool``; False (the output is gone) means no key: the task runs.
+    """
+
+    sections: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ("parent_run_id",)
+    exclude: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    job: str | None = None
+    valid: Callable[[dict[str, Any]], bool] | None = None
+
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
+        params: Params = inputs["params"]
+        if self.valid is not None and not self.valid(inputs):
+            return None
+        refs = {k: v for k, v in inputs.items() if k != "params" and k not in self.ignore}
+        source = [inspect.getsource(task_ctx.task.fn)]
+        if self.job:
+            source.append(_module_source_hash(self.job))
+        return hash_objects(refs, section_payload(params, self.sections, self.exclude), source, raise_on_failure=True)
+
+
+def stage_task(name: str, policy: StagePolicy, **options: Any):
+    """``@task`` with the stage's cache policy and persisted results (storage set per call)."""
+    return task(name=name, cache_policy=policy, persist_result=True, **options)
+
+
+def call(task_obj, params: Params, **inputs: Any):
+    """Run a stage task with its results stored under the params' absolute artifacts folder."""
+    return task_obj.with_options(result_storage=results_dir(params))(params=params, **inputs)
+
+
+# ----------------------------------------------------------------------------- job timing
+#: Seconds spent inside jobs by tasks that ran in this process (bench/orchestration.py reads it).
+JOB_SECONDS: list[tuple[str, float]] = []
+
+
+# ----------------------------------------------------------------------------- launcher
+class JobFailed(RuntimeError):
+    pass
+
+
+def _die_with_parent() -> None:
+    """In the child: receive SIGTERM when the launching process dies (Linux), so a killed flow
+    leaves no accelerate job behind."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def accelerate_command(params: Params, module: str, args: Sequence[str]) -> list[str]:
+    exe = Path(sys.executable).parent / "accelerate"
+    launcher = [str(exe)] if exe.is_file() else [sys.executable, "-m", "accelerate.commands.launch"]
+    cmd = [*launcher, "launch"] if exe.is_file() else launcher
+    if params.launcher.accelerate_config:
+        cfg = Path(params.launcher.accelerate_config)
+        cfg = cfg if cfg.is_absolute() else Path(params.paths.root) / cfg
+        if not cfg.is_file():
+            raise FileNotFoundError(f"launcher.accelerate_config: {cfg}: no such file")
+        cmd += ["--config_file", str(cfg)]
+    cmd += ["--num_processes", str(params.launcher.num_processes), "-m", module,
+            "--params", str(params_file(params)), *args]
+    return cmd
+
+
+def _kill_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def run_subprocess(cmd: Sequence[str], env: Mapping[str, str], cwd: str | Path, logger) -> None:
+    """Run ``cmd`` in its own process group, its output streamed line by line into ``logger``;
+    raise :class:`JobFailed` with the last lines on a non-zero exit; kill the group on any exit
+    path that leaves it running (task failure, cancellation)."""
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    logger.info("launch: %s", " ".join(cmd))
+    proc = subprocess.Popen(list(cmd), env=dict(env), cwd=str(cwd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, bufsize=1, start_new_session=True, preexec_fn=_die_with_parent)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            tail.append(line)
+            logger.info("%s", line)
+        rc = proc.wait()
+    finally:
+        _kill_group(proc)
+    if rc != 0:
+        raise JobFailed(f"{cmd[cmd.index('-m') + 1] if '-m' in cmd else cmd[0]} exited with status {rc}; "
+                        f"last lines of its output:\n" + "\n".join(tail))
+
+
+def launch(params: Params, module: str, args: Sequence[str], inline: Callable[[], Any], run_id: str | None,
+           stage: str) -> float:
+    """Run one job (inline or under accelerate); returns the seconds spent inside it."""
+    logger = get_run_logger()
+    t0 = time.perf_counter()
+    if params.launcher.kind == "inline":
+        inline()
+    else:
+        env = dict(os.environ)
+        env["TQDM_DISABLE"] = "1"  # progress bars are carriage-return noise in a log
+        env["PYTHONUNBUFFERED"] = "1"
+        env["MLFLOW_TRACKING_URI"] = params.tracking.tracking_uri or ""
+        if run_id:  # the job's log_metrics_if_active attaches to the stage run (compaction.tracking)
+            env["MLFLOW_RUN_ID"] = run_id
+        run_subprocess(accelerate_command(params, module, args), env, params.paths.root, logger)
+    seconds = time.perf_counter() - t0
+    JOB_SECONDS.append((stage, seconds))
+    return seconds
+
+
+# ----------------------------------------------------------------------------- MLflow
+@functools.lru_cache(maxsize=None)
+def git_commit() -> str:
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@contextlib.contextmanager
+def flow_run(params: Params, flow_name: str) -> Iterator[str]:
+    """The flow run's parent MLflow run (nested under the calling flow's run for a subflow);
+    yields its id."""
+    import mlflow
+    from prefect.context import FlowRunContext
+
+    from compaction import tracking
+
+    ctx = FlowRunContext.get()
+    fr = ctx.flow_run if ctx else None
+    tags = {"study": params.study, "flow": flow_name, "prefect_flow_run_id": str(fr.id) if fr else "",
+            "git_commit": git_commit()}
+    name = f"{flow_name}-{fr.name}" if fr else flow_name
+    with tracking.start_run(params.tracking, name, nested=mlflow.active_run() is not None, tags=tags) as run:
+        tracking.log_params(params.model_dump(mode="json"))
+        yield run.info.run_id
+
+
+def _find_child(params: Params, parent_run_id: str, run_name: str) -> str | None:
+    import mlflow
+
+    from compaction import tracking
+
+    exp = tracking.ensure_experiment(params.tracking)
+    runs = mlflow.MlflowClient().search_runs(
+        [exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.mlflow.runName = '{run_name}'",
+        max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+@contextlib.contextmanager
+def stage_run(params: Params, parent_run_id: str | None, run_name: str, tags: Mapping[str, str],
+              log_sections: Sequence[str] = ()) -> Iterator[str]:
+    """The stage's nested MLflow run under the flow's run: one per stage and flow run, so the
+    rounds of RLVR / OPSD (one task each) log into the same run, step = round. Yields its id."""
+    import mlflow
+
+    from compaction import tracking
+
+    all_tags = {**tags, "git_commit": git_commit()}
+    existing = _find_child(params, parent_run_id, run_name) if parent_run_id else None
+    if existing:
+        tracking.configure(params.tracking)
+        with mlflow.start_run(run_id=existing, nested=True) as run:
+            yield run.info.run_id
+        return
+    with tracking.start_run(params.tracking, run_name, nested=True, tags=all_tags, parent_run_id=parent_run_id) as run:
+        if log_sections:
+            tracking.log_params(section_payload(params, log_sections))
+        yield run.info.run_id
