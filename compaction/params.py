@@ -260,18 +260,10 @@ class LauncherParams(Section):
 
 
 class RegistryParams(Section):
-    """Registered model names and the gate that promotes a compacted model (no stage's cache key uses
-    this section, so changing it re-runs nothing)."""
+    """Names in the MLflow model registry (no stage's cache key uses this section)."""
 
     rlvr_model: str = Field("rlvr", description="Registered model of RLVR checkpoints (alias `latest`).")
-    compacted_model: str = Field("compacted", description="Registered model of OPSD results (alias `candidate`).")
-    max_accuracy_drop: float = Field(
-        0.02, ge=0, description="Promotion gate: avg@k on every benchmark at most this far (absolute) below "
-        "the RLVR checkpoint's.",
-    )
-    require_shorter: bool = Field(
-        True, description="Promotion gate: mean response tokens on every benchmark below the RLVR checkpoint's.",
-    )
+    compacted_model: str = Field("compacted", description="Registered model of OPSD results (tag `condition`).")
 
 
 class PathParams(Section):

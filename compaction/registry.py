@@ -134,7 +134,10 @@ def resolve_checkpoint(tracking: TrackingParams, ref: str, download_root: str | 
         return str(path.resolve())
     mv = get_version(tracking, ref)
     client = _client(tracking)
-    location = client.get_model_version_download_uri(mv.name, mv.version)
+    location = mv.source
+    if location.startswith("runs:/"):  # runs:/<id>/<path> -> the run's artifact folder + path
+        run_id, _, sub = location[len("runs:/"):].partition("/")
+        location = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/" + sub
     if location.startswith("file://") or location.startswith("/"):
         local = Path(location[len("file://"):] if location.startswith("file://") else location)
         if not (local / "config.json").is_file():

@@ -90,13 +90,18 @@ def log_params(params: Mapping[str, Any], prefix: str = "") -> None:
         client.log_batch(run_id, params=items[i: i + BATCH])
 
 
+def mlflow_metric_name(name: str) -> str:
+    """MLflow refuses ``@`` in metric names: ``eval/<bench>/pass@k`` is logged as ``pass_at_k``."""
+    return name.replace("@", "_at_")
+
+
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
     """Log ``{"<stage>/<name>": value}`` at ``step``; non-finite and non-numeric values are skipped."""
     import math
 
     import mlflow
 
-    clean = {k: float(v) for k, v in metrics.items()
+    clean = {mlflow_metric_name(k): float(v) for k, v in metrics.items()
              if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
     if clean:
         mlflow.log_metrics(clean, step=step)

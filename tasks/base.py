@@ -4,9 +4,9 @@
 local), the params sections it reads, and its code. :class:`StagePolicy` hashes exactly those:
 the task's inputs except ``params`` (only the declared sections of it count) and the inputs
 that do not change the result (the MLflow parent run), plus the source of the task function
-and of its job module. The same hash names the output folder (:func:`stage_key`), so a cache
-record and the folder it points to always agree. A record is only used while its output is
-still on disk: when the output is missing the policy returns no key, and the task runs again.
+and of its job module. The output folder is named by a hash of the same sections and references
+(:func:`stage_key`). A record is only used while its output is still on disk: when the output
+is missing, :func:`call` runs the task with ``refresh_cache`` and the record is rewritten.
 
 **Results** are persisted as files under ``<artifacts>/prefect-results`` (an absolute path:
 workers change directory; an unsaved LocalFileSystem block raises). Cache records are files,
@@ -61,10 +61,17 @@ def load_flow_params(params: str, overrides: Sequence[str] = ()) -> Params:
 
 
 def section_payload(params: Params, sections: Sequence[str], exclude: Mapping[str, Sequence[str]] | None = None) -> dict:
-    """The named sections as plain dicts, minus fields that do not change a stage's result."""
+    """The named sections as plain dicts, minus fields that do not change a stage's result.
+
+    ``"rollout.batch_size"`` names one field of a section (a stage that reads only that field).
+    """
     dumped = params.model_dump(mode="json")
-    out = {}
+    out: dict[str, Any] = {}
     for name in sections:
+        if "." in name:
+            sec_name, field_name = name.split(".", 1)
+            out[name] = dumped[sec_name][field_name]
+            continue
         sec = dict(dumped[name])
         for f in (exclude or {}).get(name, ()):
             sec.pop(f, None)
@@ -107,7 +114,9 @@ class StagePolicy(CachePolicy):
 
     ``ignore``: inputs that do not change the result (e.g. the MLflow parent run id).
     ``exclude``: section fields that do not change the result (e.g. ``rlvr.rounds`` for one round).
-    ``valid``: ``valid(inputs) -> bool``; False (the output is gone) means no key: the task runs.
+    ``valid``: ``valid(inputs) -> bool``; False (the output is gone) makes :func:`call` run the task
+    with ``refresh_cache`` (its record is rewritten under the same key). Returning no key instead
+    would not persist the new result, so the run after would execute the stage once more.
     """
 
     sections: tuple[str, ...] = ()
@@ -118,8 +127,6 @@ class StagePolicy(CachePolicy):
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
         params: Params = inputs["params"]
-        if self.valid is not None and not self.valid(inputs):
-            return None
         refs = {k: v for k, v in inputs.items() if k != "params" and k not in self.ignore}
         source = [inspect.getsource(task_ctx.task.fn)]
         if self.job:
@@ -133,8 +140,11 @@ def stage_task(name: str, policy: StagePolicy, **options: Any):
 
 
 def call(task_obj, params: Params, **inputs: Any):
-    """Run a stage task with its results stored under the params' absolute artifacts folder."""
-    return task_obj.with_options(result_storage=results_dir(params))(params=params, **inputs)
+    """Run a stage task with its results stored under the params' absolute artifacts folder; a
+    cache record whose output is no longer on disk is not used (the task runs and rewrites it)."""
+    policy = task_obj.cache_policy
+    valid = policy.valid({"params": params, **inputs}) if getattr(policy, "valid", None) else True
+    return task_obj.with_options(result_storage=results_dir(params), refresh_cache=not valid)(params=params, **inputs)
 
 
 # ----------------------------------------------------------------------------- job timing

@@ -1,0 +1,60 @@
+"""Flow ``compaction``: from an RLVR checkpoint to evaluated, registered, compacted models.
+
+    checkpoint (path | models:/ URI, default models:/rlvr@latest) -> evaluate (opsd-baseline)
+    per condition: OPSD rounds -> evaluate -> register a `compacted` version (tag condition)
+    -> [promotion gate -> compacted@candidate, report: issue 7]
+
+Deployments ``opsd-correct``, ``opsd-all``, ``opsd-incorrect`` (prefect.yaml) run it with one
+condition each; ``opsd-correct`` is triggered by ``rlvr.checkpoint.landed``.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from compaction.selection import CONDITIONS
+from tasks.base import flow_run, load_flow_params
+from tasks.data import prepare_data
+from tasks.evaluate import evaluate, record_evaluation
+from tasks.opsd import opsd_round
+from tasks.registry import register_compacted, resolve_checkpoint
+
+
+def check_conditions(conditions: list[str] | None, default: list[str]) -> list[str]:
+    chosen = list(default if conditions is None else conditions)
+    bad = [c for c in chosen if c not in CONDITIONS]
+    if bad:
+        raise ValueError(f"conditions: unknown {bad}; expected some of {list(CONDITIONS)}")
+    if not chosen:
+        raise ValueError("conditions: empty; expected some of " + str(list(CONDITIONS)))
+    return chosen
+
+
+@flow(name="compaction", log_prints=True)
+def compaction(params: str = "params/demo.yaml", overrides: list[str] = [],  # noqa: B006 (Prefect parameter)
+               checkpoint: str | None = None, conditions: list[str] | None = None) -> dict:
+    p = load_flow_params(params, overrides)
+    chosen = check_conditions(conditions, p.opsd.conditions)
+    with flow_run(p, "compaction") as parent:
+        ckpt = resolve_checkpoint(p, checkpoint)
+        policy_ref = ckpt["version_uri"] or ckpt["path"]  # what the runs' policy_ref tags name
+        problems = prepare_data(p, parent)["problems"]
+
+        # The comparison point: the checkpoint as OPSD finds it (condition `baseline`).
+        baseline = record_evaluation(p, evaluate(p, ckpt["path"], problems), "opsd-baseline", "baseline",
+                                     policy_ref, parent)
+        evaluations, registered = {"baseline": baseline}, []
+        for condition in (c for c in chosen if c != "baseline"):
+            prev, last = ckpt["path"], None
+            for k in range(p.opsd.rounds):
+                last = opsd_round(p, ckpt["path"], prev, problems, condition, k, parent)
+                prev = last["round_dir"]
+            model = last["checkpoint"] if last else ckpt["path"]
+            evaluations[condition] = record_evaluation(p, evaluate(p, model, problems), f"opsd-{condition}",
+                                                       condition, model, parent)
+            if last:
+                registered.append(register_compacted(p, model, last["run_id"], condition, policy_ref,
+                                                      evaluations[condition], baseline, parent))
+        # Issue 7 wires in here: the promotion gate over `registered` (alias compacted@candidate
+        # on a pass, compaction.promotion) and the report task over this flow run's eval runs.
+        return {"checkpoint": ckpt, "evaluations": evaluations, "registered": registered, "mlflow_run_id": parent}

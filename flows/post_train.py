@@ -1,0 +1,49 @@
+"""Flow ``post-train``: data -> base model -> SFT -> RLVR rounds -> register -> compaction.
+
+    prepare_data -> prepare_model -> sft -> evaluate (sft)
+    -> rlvr rounds -> register models:/rlvr/N (alias latest) -> evaluate (rlvr)
+    -> emit rlvr.checkpoint.landed -> compaction(checkpoint=models:/rlvr/N) as a subflow
+
+Every stage is a cached task: a rerun after a crash takes completed stages and RLVR rounds from
+the cache and continues at the first missing one.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.compaction import check_conditions, compaction
+from tasks.base import flow_run, load_flow_params
+from tasks.data import prepare_data, prepare_model
+from tasks.evaluate import evaluate, record_evaluation
+from tasks.registry import announce_checkpoint, register_rlvr
+from tasks.rlvr import rlvr_round
+from tasks.sft import sft
+
+
+@flow(name="post-train", log_prints=True)
+def post_train(params: str = "params/demo.yaml", overrides: list[str] = [],  # noqa: B006 (Prefect parameter)
+               conditions: list[str] | None = None) -> dict:
+    p = load_flow_params(params, overrides)
+    check_conditions(conditions, p.opsd.conditions)  # fail before training, not after
+    with flow_run(p, "post-train") as parent:
+        data = prepare_data(p, parent)
+        base = prepare_model(p, data["problems"], data["traces"])["checkpoint"]
+        if data["traces"] is None:
+            raise ValueError(f"data.source={p.data.source!r} has no SFT traces; post-train needs them")
+        sft_ckpt = sft(p, base, data["traces"], parent)["checkpoint"]
+        record_evaluation(p, evaluate(p, sft_ckpt, data["problems"]), "sft", None, sft_ckpt, parent)
+
+        prev, last = sft_ckpt, None
+        for k in range(p.rlvr.rounds):
+            last = rlvr_round(p, sft_ckpt, prev, data["problems"], k, parent)
+            prev = last["round_dir"]
+        rlvr_ckpt = last["checkpoint"] if last else sft_ckpt
+        registered = register_rlvr(p, rlvr_ckpt, last["run_id"] if last else None, sft_ckpt, parent)
+        # Evaluate the registered copy: the path compaction resolves models:/rlvr/N to, so its
+        # baseline evaluation is this one, from the cache.
+        record_evaluation(p, evaluate(p, registered["path"], data["problems"]), "rlvr", None, registered["uri"], parent)
+        announce_checkpoint(registered)
+
+        result = compaction(params=params, overrides=overrides, checkpoint=registered["uri"], conditions=conditions)
+        return {"sft": sft_ckpt, "rlvr": registered, "compaction": result, "mlflow_run_id": parent}

@@ -1,0 +1,74 @@
+"""Stage evaluate: a checkpoint's avg@k, pass@k and lengths per benchmark (``jobs.evaluate``).
+
+Two steps. ``evaluate`` (cached) runs the job: keyed by the ``eval`` section, the ``model``
+section, the rollout fields the engine reads, ``grading``, the checkpoint and the problems; not by
+what the checkpoint is called, so the RLVR checkpoint evaluated as ``rlvr`` and as
+``opsd-baseline`` is sampled once. ``record_evaluation`` (never cached) logs the result as a
+nested MLflow run of *this* flow run with the contract's tags (``stage=eval``, ``model``,
+``condition``, ``policy_ref``, ``eval_dir``) and the ``eval/<bench>/<name>`` metrics, so every
+flow run, also a fully cached one, holds the rows a report compares.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from compaction.params import Params
+from tasks.base import StagePolicy, call, git_commit, launch, stage_key, stage_task
+
+SECTIONS = ("eval", "model", "rollout.backend", "rollout.batch_size", "rollout.seed",
+            "rollout.vllm_gpu_memory_utilization", "rollout.vllm_tensor_parallel_size", "grading")
+
+
+def eval_dir(params: Params, checkpoint: str, problems: str | None) -> Path:
+    key = stage_key(params, SECTIONS, {"checkpoint": checkpoint, "problems": problems})
+    return Path(params.paths.artifacts) / "eval" / key
+
+
+def _valid(inputs: dict[str, Any]) -> bool:
+    return (eval_dir(inputs["params"], inputs["checkpoint"], inputs["problems"]) / "metrics.json").is_file()
+
+
+@stage_task("evaluate", StagePolicy(sections=SECTIONS, job="jobs.evaluate", valid=_valid))
+def evaluate_task(params: Params, checkpoint: str, problems: str | None) -> dict:
+    from jobs import evaluate as job
+
+    out = eval_dir(params, checkpoint, problems)
+    args = ["--checkpoint", checkpoint, "--out", str(out), *(["--problems", problems] if problems else [])]
+    # No MLflow run here: record_evaluation logs the result into each flow run that uses it.
+    seconds = launch(params, "jobs.evaluate", args, lambda: job.run(params, checkpoint, problems, out), None, "eval")
+    metrics = out / "metrics.json"
+    if not metrics.is_file():
+        raise RuntimeError(f"evaluate: the job ended without writing {metrics}")
+    return {"eval_dir": str(out), "metrics_path": str(metrics), "checkpoint": checkpoint, "seconds": seconds}
+
+
+def evaluate(params: Params, checkpoint: str, problems: str | None) -> dict:
+    """``{"eval_dir", "metrics_path"}`` of ``checkpoint`` evaluated on every benchmark."""
+    return call(evaluate_task, params, checkpoint=checkpoint, problems=problems)
+
+
+@task(name="record_evaluation", cache_policy=NO_CACHE, task_run_name="record_evaluation-{model}")
+def record_evaluation(params: Params, result: dict, model: str, condition: str | None, policy_ref: str,
+                      parent_run_id: str | None) -> dict:
+    """Log an evaluation as the nested run ``eval-<model>`` of the flow's MLflow run; returns
+    ``{"run_id", "metrics"}`` (metrics ``eval/<bench>/<name>``)."""
+    from compaction import tracking
+    from tasks.base import section_payload
+
+    metrics = json.loads(Path(result["metrics_path"]).read_text())
+    tags = {"stage": "eval", "model": model, "policy_ref": policy_ref, "eval_dir": result["eval_dir"],
+            "git_commit": git_commit()}
+    if condition:
+        tags["condition"] = condition
+    with tracking.start_run(params.tracking, f"eval-{model}", nested=True, tags=tags,
+                            parent_run_id=parent_run_id) as run:
+        tracking.log_params(section_payload(params, ("eval",)))
+        tracking.log_metrics(metrics)
+    return {"run_id": run.info.run_id, "metrics": metrics, "model": model, "condition": condition,
+            "policy_ref": policy_ref, "eval_dir": result["eval_dir"]}

@@ -1,0 +1,102 @@
+"""Registry steps of the flows: resolve the checkpoint, register RLVR and compacted checkpoints,
+announce a new RLVR checkpoint. None is cached: each is a few registry
+calls, and registration is idempotent (compaction.registry: one version per checkpoint folder).
+"""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from compaction import registry
+from compaction.params import Params
+from tasks.base import git_commit, results_dir
+
+LANDED_EVENT = "rlvr.checkpoint.landed"
+LATEST_ALIAS = "latest"
+
+
+def default_checkpoint(params: Params) -> str:
+    return f"models:/{params.registry.rlvr_model}@{LATEST_ALIAS}"
+
+
+@task(name="resolve_checkpoint", cache_policy=NO_CACHE)
+def resolve_checkpoint(params: Params, checkpoint: str | None) -> dict:
+    """``{"uri": what was asked (default models:/rlvr@latest), "version_uri": models:/name/N or None,
+    "path": local checkpoint folder}``; a missing path or unknown version fails here, at once."""
+    uri = checkpoint or default_checkpoint(params)
+    version_uri = registry.get_version(params.tracking, uri).uri if registry.is_model_uri(uri) else None
+    path = registry.resolve_checkpoint(params.tracking, uri, download_root=results_dir(params).parent / "registry")
+    get_run_logger().info("checkpoint %s -> %s", uri, path)
+    return {"uri": uri, "version_uri": version_uri, "path": path}
+
+
+def _register(params: Params, name: str, checkpoint: str, run_id: str | None, stage_tags: dict[str, str],
+              parent_run_id: str | None, extra_tags: dict[str, str]) -> registry.ModelVersionRef:
+    """Register ``checkpoint`` under ``name``, logging it in ``run_id`` (the stage run that made it)
+    or, when that run is not in this store (made by a flow run whose store was reset), in a new
+    nested run with the stage's tags."""
+    import mlflow
+
+    from compaction import tracking
+
+    existing = registry.find_version(params.tracking, name, checkpoint)
+    if existing is not None:
+        return existing
+    tracking.configure(params.tracking)
+    try:
+        mlflow.MlflowClient().get_run(run_id) if run_id else None
+    except Exception:
+        run_id = None
+    if run_id is None:
+        with tracking.start_run(params.tracking, f"register-{name}", nested=True, parent_run_id=parent_run_id,
+                                tags={**stage_tags, "git_commit": git_commit()}) as run:
+            run_id = run.info.run_id
+    return registry.register_checkpoint(params.tracking, name, checkpoint, run_id,
+                                        tags={**extra_tags, "git_commit": git_commit()})
+
+
+@task(name="register_rlvr", cache_policy=NO_CACHE)
+def register_rlvr(params: Params, checkpoint: str, run_id: str | None, policy_ref: str,
+                  parent_run_id: str | None) -> dict:
+    """Register the RLVR checkpoint as a version of ``registry.rlvr_model`` (``models:/rlvr@latest``):
+    ``{"name", "version", "uri": models:/name/N, "path": the registered copy, as compaction resolves it}``."""
+    name = params.registry.rlvr_model
+    mv = _register(params, name, checkpoint, run_id, {"stage": "rlvr", "model": "rlvr", "policy_ref": policy_ref},
+                   parent_run_id, {"study": params.study})
+    # No set_alias: MLflow reserves `latest` and resolves models:/name@latest to the newest version.
+    path = registry.resolve_checkpoint(params.tracking, mv.uri, download_root=results_dir(params).parent / "registry")
+    get_run_logger().info("registered %s as %s", checkpoint, mv.uri)
+    return {"name": name, "version": mv.version, "uri": mv.uri, "path": path}
+
+
+@task(name="register_compacted", cache_policy=NO_CACHE, task_run_name="register_compacted-{condition}")
+def register_compacted(params: Params, checkpoint: str, run_id: str | None, condition: str, policy_ref: str,
+                       evaluation: dict, baseline: dict, parent_run_id: str | None) -> dict:
+    """Register an OPSD result as a version of ``registry.compacted_model`` (tags ``condition``,
+    ``policy_ref``, ``eval_run_id``). Whether it becomes ``compacted@candidate`` is the promotion
+    gate's decision (issue 7's compaction.promotion), given ``evaluation`` and ``baseline``."""
+    name = params.registry.compacted_model
+    mv = _register(params, name, checkpoint, run_id,
+                   {"stage": "opsd", "condition": condition, "model": f"opsd-{condition}", "policy_ref": policy_ref},
+                   parent_run_id, {"condition": condition, "policy_ref": policy_ref, "study": params.study})
+    registry.set_version_tag(params.tracking, name, mv.version, "eval_run_id", evaluation["run_id"])
+    get_run_logger().info("registered %s [%s] as %s", checkpoint, condition, mv.uri)
+    return {"name": name, "version": mv.version, "uri": mv.uri, "condition": condition,
+            "metrics": evaluation["metrics"], "baseline_metrics": baseline["metrics"]}
+
+
+@task(name="announce_checkpoint", cache_policy=NO_CACHE)
+def announce_checkpoint(registered: dict) -> str | None:
+    """Emit ``rlvr.checkpoint.landed`` (resource ``rlvr.checkpoint.<name>.<version>``, payload
+    ``{"checkpoint": models:/name/N}``): the trigger of the ``opsd-correct`` deployment."""
+    from prefect.events import emit_event
+
+    event = emit_event(
+        event=LANDED_EVENT,
+        resource={"prefect.resource.id": f"rlvr.checkpoint.{registered['name']}.{registered['version']}",
+                  "prefect.resource.name": registered["uri"]},
+        payload={"checkpoint": registered["uri"], "name": registered["name"], "version": registered["version"]},
+    )
+    get_run_logger().info("emitted %s for %s", LANDED_EVENT, registered["uri"])
+    return str(event.id) if event else None
