@@ -17,7 +17,13 @@ export DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test demo bench clean
+# `make serve`: a Prefect server on loopback, the process work pool, the deployments, a worker.
+PREFECT_PORT ?= 4200
+PREFECT_POOL ?= compaction-pool
+PREFECT_DIR := .prefect
+PREFECT_API_URL_SERVE := http://127.0.0.1:$(PREFECT_PORT)/api
+
+.PHONY: venv test demo bench bench-orchestration clean serve stop
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +45,53 @@ bench: $(STAMP)
 	$(BIN)/python bench/grading.py
 	$(BIN)/python bench/rollout.py
 	$(BIN)/python bench/kernels.py
+
+bench-orchestration: $(STAMP)
+	$(BIN)/python bench/orchestration.py
+
+# Background processes run in their own process group (setsid) and write its leader's PID to
+# .prefect/*.pid; `make stop` ends exactly those groups (the worker's flow runs, the server's
+# workers).
+serve: $(STAMP)
+	@mkdir -p $(PREFECT_DIR)
+	@if [ -f $(PREFECT_DIR)/server.pid ] && kill -0 $$(cat $(PREFECT_DIR)/server.pid) 2>/dev/null; then \
+		echo "server already running (pid $$(cat $(PREFECT_DIR)/server.pid))"; \
+	else \
+		setsid nohup $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) \
+			> $(PREFECT_DIR)/server.log 2>&1 & echo $$! > $(PREFECT_DIR)/server.pid; \
+	fi
+	@echo "waiting for the Prefect server on 127.0.0.1:$(PREFECT_PORT) ..."
+	@for i in $$(seq 1 90); do \
+		$(BIN)/python -c "import urllib.request,sys; urllib.request.urlopen('$(PREFECT_API_URL_SERVE)/health', timeout=2)" \
+			2>/dev/null && break; sleep 1; \
+		if [ $$i = 90 ]; then echo "server did not come up; see $(PREFECT_DIR)/server.log"; exit 1; fi; \
+	done
+	PREFECT_API_URL=$(PREFECT_API_URL_SERVE) $(BIN)/prefect work-pool create $(PREFECT_POOL) --type process \
+		>/dev/null 2>&1 || true
+	PWD=$(CURDIR) PREFECT_API_URL=$(PREFECT_API_URL_SERVE) $(BIN)/prefect deploy --all --no-prompt
+	@if [ -f $(PREFECT_DIR)/worker.pid ] && kill -0 $$(cat $(PREFECT_DIR)/worker.pid) 2>/dev/null; then \
+		echo "worker already running (pid $$(cat $(PREFECT_DIR)/worker.pid))"; \
+	else \
+		PREFECT_API_URL=$(PREFECT_API_URL_SERVE) setsid nohup $(BIN)/prefect worker start --pool $(PREFECT_POOL) \
+			> $(PREFECT_DIR)/worker.log 2>&1 & echo $$! > $(PREFECT_DIR)/worker.pid; \
+	fi
+	@echo ""
+	@echo "Prefect UI: http://127.0.0.1:$(PREFECT_PORT)   logs: $(PREFECT_DIR)/{server,worker}.log"
+	@echo "next:  export PREFECT_API_URL=$(PREFECT_API_URL_SERVE)"
+	@echo "       $(BIN)/prefect deployment run post-train/post-train      # data -> SFT -> RLVR -> compaction"
+	@echo "       $(BIN)/prefect deployment run compaction/opsd-correct    # compact models:/rlvr@latest"
+	@echo "       make stop"
+
+stop:
+	@for name in worker server; do \
+		f=$(PREFECT_DIR)/$$name.pid; \
+		if [ -f $$f ]; then \
+			pid=$$(cat $$f); \
+			if kill -0 $$pid 2>/dev/null; then kill -TERM -- -$$pid && echo "stopped $$name (process group $$pid)"; \
+			else echo "$$name (pid $$pid) was not running"; fi; \
+			rm -f $$f; \
+		fi; \
+	done
 
 clean:
 	rm -rf artifacts mlartifacts mlflow.db .pytest_cache

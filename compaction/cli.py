@@ -4,6 +4,8 @@
     compaction grade  IN.parquet OUT.parquet [--problems PROBLEMS.parquet] [--workers N] [--timeout S]
     compaction params [--params FILE] [--set key=value ...]     # validate and print resolved params
     compaction redundancy-map ROUND_DIR_OR_PARQUET --out FILE.html   # OPSD per-token divergences as HTML
+    compaction run FLOW --params FILE [--set key=value ...] [--checkpoint REF] [--condition C ...]
+                                     # a Prefect flow (post-train, compaction, watch-rlvr) run directly
 
 The CLI is an entrypoint, above every layer: it imports jobs (and, later, flows) lazily,
 so that `compaction grade` does not pay for torch and `--help` is instant. Params are
@@ -53,7 +55,38 @@ def build_parser() -> argparse.ArgumentParser:
     rmap.add_argument("source", help="an OPSD round folder (round-XXXX/) or its redundancy_map.parquet")
     rmap.add_argument("--out", required=True, help="HTML file to write (atomically)")
     rmap.add_argument("--title", default=None)
+    run = sub.add_parser("run", help="run a Prefect flow directly (ephemeral Prefect unless PREFECT_API_URL is set)")
+    run.add_argument("flow", choices=sorted(FLOWS), help="flow name")
+    _add_params_args(run)
+    run.add_argument("--checkpoint", default=None,
+                     help="compaction: RLVR checkpoint path or models:/ URI (default models:/rlvr@latest)")
+    run.add_argument("--condition", dest="conditions", action="append", default=None,
+                     choices=["baseline", "all", "correct", "incorrect"],
+                     help="compaction, post-train: OPSD condition (repeatable; default opsd.conditions)")
     return parser
+
+
+#: Flow name -> (module, function); imported only when run.
+FLOWS = {"post-train": ("flows.post_train", "post_train"), "compaction": ("flows.compaction", "compaction"),
+         "watch-rlvr": ("flows.watch_rlvr", "watch_rlvr")}
+
+
+def _run_flow(args: argparse.Namespace) -> int:
+    import importlib
+
+    module, name = FLOWS[args.flow]
+    flow_fn = getattr(importlib.import_module(module), name)
+    kwargs: dict = {"params": str(Path(args.params).resolve()), "overrides": list(args.overrides)}
+    if args.flow == "compaction":
+        kwargs.update(checkpoint=args.checkpoint, conditions=args.conditions)
+    elif args.flow == "post-train":
+        kwargs.update(conditions=args.conditions)
+    state = flow_fn(**kwargs, return_state=True)
+    print(f"flow {args.flow}: {state.name}")
+    if not state.is_completed():
+        print(f"compaction run: error: {state.message}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -73,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from compaction.params import dump_params, load_params
 
         params = load_params(args.params, args.overrides)  # fail on bad params before any work
+        if args.command == "run":
+            return _run_flow(args)
         if args.command == "params":
             print(dump_params(params), end="")
             return 0
