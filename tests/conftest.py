@@ -43,3 +43,66 @@ def tiny_model(smoke_params, smoke_data) -> str:
     from jobs import prepare_model
 
     return prepare_model.run(smoke_params, smoke_data["problems"], smoke_data["traces"])
+
+
+@pytest.fixture(scope="session")
+def mlflow_db_template(tmp_path_factory) -> Path:
+    """An empty, migrated MLflow SQLite store (migrating one takes ~6 s): copy it, don't migrate again."""
+    import mlflow
+
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real `prefect server start` on a free loopback port with its own PREFECT_HOME, shared by
+    the flow and deployment tests (one ~10 s start per session), and made the API of this process.
+
+    Yields ``{"url", "env"}``: ``env`` is the environment for subprocesses (CLI, workers, flows)."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "false", "PREFECT_API_URL": url, "PREFECT_SERVER_LOGGING_LEVEL": "WARNING"}
+    prefect = str(Path(sys.executable).parent / "prefect")
+    log = open(home / "server.log", "w")
+    server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+    proc = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=server_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"prefect server did not start: {(home / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+    with temporary_settings({PREFECT_API_URL: url}):
+        yield {"url": url, "env": env, "home": home}
+    import signal
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()

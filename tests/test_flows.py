@@ -1,0 +1,229 @@
+"""The Prefect flows on params/smoke.yaml, for real: a Prefect server, MLflow on SQLite in a temp
+project, the tiny model trained and evaluated.
+
+- a second run with the same inputs executes no job (every stage task is Cached);
+- a changed OPSD learning rate re-runs OPSD and its evaluation, nothing upstream;
+- post-train killed (SIGKILL) during RLVR resumes: completed rounds come from the cache;
+- the MLflow layout and registry of docs/decisions.md.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = str(REPO / "params" / "smoke.yaml")
+STAGE_TASKS = ("prepare_data", "prepare_model", "sft", "evaluate", "rlvr_round", "opsd_round")
+
+
+def flow_run_tree(flow_run_id) -> list:
+    """Task runs of a flow run and of its subflows: [(task name, state name)]."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
+
+    with get_client(sync_client=True) as client:
+        subflows = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+        ids = [flow_run_id, *[f.id for f in subflows]]
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)), limit=200)
+    return [(r.name, r.state.name) for r in runs]
+
+
+def stage_states(tree) -> list[tuple[str, str]]:
+    return sorted((name, state) for name, state in tree if name.startswith(STAGE_TASKS))
+
+
+def run_flow(flow_fn, **kwargs):
+    """Run a flow in-process; returns (result, task states, job stages executed in this call)."""
+    from tasks.base import JOB_SECONDS
+
+    JOB_SECONDS.clear()
+    state = flow_fn(**kwargs, return_state=True)
+    assert state.is_completed(), state.message
+    return state.result(), flow_run_tree(state.state_details.flow_run_id), [s for s, _ in JOB_SECONDS]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, mlflow_db_template, prefect_server):
+    """A project folder (COMPACTION_HOME) with a migrated MLflow store, after one post-train run."""
+    root = tmp_path_factory.mktemp("flows-project")
+    shutil.copy(mlflow_db_template, root / "mlflow.db")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("COMPACTION_HOME", str(root))
+    from flows.post_train import post_train
+
+    first = run_flow(post_train, params=SMOKE)
+    yield {"root": root, "first": first, "tracking_uri": f"sqlite:///{root / 'mlflow.db'}"}
+    mp.undo()
+
+
+def test_post_train_runs_every_stage_and_tracks_it(project):
+    result, tree, jobs = project["first"]
+    states = stage_states(tree)
+    # Within the run, the subflow's prepare_data and the baseline evaluation (the RLVR checkpoint,
+    # already evaluated as `rlvr`) come from the cache; every other stage ran.
+    assert sorted(n.split("-")[0] for n, s in states if s == "Cached") == ["evaluate", "prepare_data"]
+    assert all(s in ("Completed", "Cached") for _, s in states)
+    assert sorted(set(jobs)) == ["eval", "opsd", "prepare_data", "prepare_model", "rlvr", "sft"]
+    assert jobs.count("rlvr") == 2 and jobs.count("opsd") == 6  # 2 rounds; 2 rounds x (all, correct, incorrect)
+
+    client = mlflow.MlflowClient(project["tracking_uri"])
+    exp = client.get_experiment_by_name("compaction-smoke")
+    runs = client.search_runs([exp.experiment_id], max_results=500)
+    by_id = {r.info.run_id: r for r in runs}
+    parents = [r for r in runs if "flow" in r.data.tags]
+    assert sorted(r.data.tags["flow"] for r in parents) == ["compaction", "post-train"]
+    post = next(r for r in parents if r.data.tags["flow"] == "post-train")
+    comp = next(r for r in parents if r.data.tags["flow"] == "compaction")
+    assert comp.data.tags["mlflow.parentRunId"] == post.info.run_id  # the subflow's run nests
+    for r in parents:
+        assert {"study", "prefect_flow_run_id", "git_commit"} <= set(r.data.tags)
+        assert "opsd.lr" in r.data.params and "sft.lr" in r.data.params
+
+    evals = {r.data.tags["model"]: r for r in runs if r.data.tags.get("stage") == "eval"}
+    assert set(evals) == {"sft", "rlvr", "opsd-baseline", "opsd-all", "opsd-correct", "opsd-incorrect"}
+    for label, r in evals.items():
+        assert Path(r.data.tags["eval_dir"], "synthetic", "grades.parquet").is_file()
+        assert {"eval/synthetic/accuracy", "eval/synthetic/pass_at_k", "eval/synthetic/mean_response_tokens"} \
+            <= set(r.data.metrics)
+        assert r.data.tags["mlflow.parentRunId"] == (post if label in ("sft", "rlvr") else comp).info.run_id
+    assert evals["opsd-correct"].data.tags["condition"] == "correct"
+    assert evals["rlvr"].data.tags["policy_ref"] == "models:/rlvr/1"
+    # The RLVR checkpoint and the baseline are the same evaluation (one job, two labelled runs).
+    assert evals["rlvr"].data.tags["eval_dir"] == evals["opsd-baseline"].data.tags["eval_dir"]
+
+    # Training stages: one nested run per stage, rounds as steps, live metrics from the jobs.
+    rlvr = [r for r in runs if r.data.tags.get("stage") == "rlvr"]
+    assert len(rlvr) == 1 and by_id[rlvr[0].data.tags["mlflow.parentRunId"]].data.tags["flow"] == "post-train"
+    history = client.get_metric_history(rlvr[0].info.run_id, "rlvr/reward_mean")
+    assert sorted(m.step for m in history) == [0, 1]
+    opsd = {r.data.tags["condition"]: r for r in runs if r.data.tags.get("stage") == "opsd"}
+    assert set(opsd) == {"all", "correct", "incorrect"}
+    assert sorted(m.step for m in client.get_metric_history(opsd["all"].info.run_id, "opsd/loss")) == [0, 1]
+    sft = [r for r in runs if r.data.tags.get("stage") == "sft"]
+    assert len(sft) == 1 and client.get_metric_history(sft[0].info.run_id, "sft/loss")
+
+    # Registry: models:/rlvr@latest is the RLVR checkpoint, logged under checkpoint/ of the rlvr run.
+    from compaction import registry
+    from compaction.params import load_params
+
+    params = load_params(SMOKE, base=project["root"])
+    latest = registry.get_version(params.tracking, "models:/rlvr@latest")
+    assert latest.version == "1" and latest.run_id == rlvr[0].info.run_id
+    assert latest.source == f"runs:/{latest.run_id}/checkpoint"
+    local = registry.resolve_checkpoint(params.tracking, "models:/rlvr/1")
+    assert Path(local, "config.json").is_file() and local == result["rlvr"]["path"]
+    compacted = registry.list_versions(params.tracking, "compacted")
+    assert sorted(v.tags["condition"] for v in compacted) == ["all", "correct", "incorrect"]
+    assert {v.tags["policy_ref"] for v in compacted} == {"models:/rlvr/1"}
+
+
+def test_second_run_with_the_same_inputs_executes_no_job(project):
+    from flows.post_train import post_train
+
+    result, tree, jobs = run_flow(post_train, params=SMOKE)
+    states = stage_states(tree)
+    assert jobs == []
+    assert states and all(state == "Cached" for _, state in states), states
+    assert {n.split("-")[0] for n, _ in states} == set(STAGE_TASKS)
+    # Registration is idempotent: the same folders are the same versions.
+    assert result["rlvr"]["uri"] == "models:/rlvr/1"
+    assert sorted(r["version"] for r in result["compaction"]["registered"]) == ["1", "2", "3"]
+
+
+def test_changed_opsd_lr_reruns_opsd_and_its_evaluation_only(project):
+    from flows.compaction import compaction
+
+    result, tree, jobs = run_flow(compaction, params=SMOKE, overrides=["opsd.lr=3e-4"], conditions=["all"])
+    states = dict(stage_states(tree))
+    assert result["checkpoint"]["version_uri"] == "models:/rlvr/1"  # the default: models:/rlvr@latest
+    assert states["opsd_round-all-0"] == "Completed" and states["opsd_round-all-1"] == "Completed"
+    assert sorted(jobs) == ["eval", "opsd", "opsd"]
+    assert [s for n, s in states.items() if n.startswith("prepare_data")] == ["Cached"]
+    evaluate = sorted(s for n, s in states.items() if n.startswith("evaluate"))
+    assert evaluate == ["Cached", "Completed"]  # the baseline from the cache, the new model evaluated
+    assert [r["version"] for r in result["registered"]] == ["4"]
+
+
+def test_missing_output_invalidates_its_cache_record(project):
+    """A cache record whose folder was deleted is not used: the stage runs again."""
+    from flows.compaction import compaction
+
+    result, _, _ = run_flow(compaction, params=SMOKE, conditions=["baseline"])
+    eval_dir = Path(result["evaluations"]["baseline"]["eval_dir"])
+    shutil.rmtree(eval_dir)
+    _, tree, jobs = run_flow(compaction, params=SMOKE, conditions=["baseline"])
+    assert jobs == ["eval"] and (eval_dir / "metrics.json").is_file()
+    assert sorted(s for _, s in stage_states(tree)) == ["Cached", "Completed"]  # prepare_data, evaluate
+
+
+def test_bad_checkpoint_and_conditions_fail_before_any_job(project):
+    from flows.compaction import compaction
+    from tasks.base import JOB_SECONDS
+
+    JOB_SECONDS.clear()
+    state = compaction(params=SMOKE, checkpoint=str(project["root"] / "no-such-ckpt"), return_state=True)
+    assert state.is_failed() and "no-such-ckpt" in state.message
+    state = compaction(params=SMOKE, conditions=["corect"], return_state=True)
+    assert state.is_failed() and "corect" in state.message
+    state = compaction(params=SMOKE, checkpoint="models:/rlvr/99", return_state=True)
+    assert state.is_failed() and "models:/rlvr/99" in state.message
+    assert JOB_SECONDS == []
+
+
+# ------------------------------------------------------------------------------ resume
+def test_post_train_resumes_after_sigkill_during_rlvr(project, prefect_server):
+    """Killed during RLVR round 1, rerun: data/model/SFT and round 0 from the cache, round 1 rerun
+    from round 0's folder, nothing half-written used."""
+    root = project["root"]
+    sets = ["rlvr.seed=1", "rlvr.rounds=3"]  # a new RLVR (new folder), the same data and SFT
+    cmd = [sys.executable, "-m", "compaction.cli", "run", "post-train", "--params", SMOKE, "--condition", "correct",
+           *[a for s in sets for a in ("--set", s)]]
+    env = {**prefect_server["env"], "COMPACTION_HOME": str(root)}
+    before = set((root / "artifacts" / "rlvr").iterdir())
+    proc = subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    seen: list[str] = []
+    started = threading.Event()
+
+    def watch():
+        for line in proc.stdout:
+            seen.append(line)
+            # Round 1 is generating: round 0's task has finished and its cache record is written.
+            if "rlvr round 1 rollouts" in line:
+                started.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    assert started.wait(240), "".join(seen[-40:])
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    (rlvr_dir,) = set((root / "artifacts" / "rlvr").iterdir()) - before
+    assert (rlvr_dir / "round-0000" / "metrics.json").is_file()
+    assert not (rlvr_dir / "round-0001").exists(), "round 1 finished before the kill: the test saw nothing"
+
+    from flows.post_train import post_train
+
+    result, tree, jobs = run_flow(post_train, params=SMOKE, overrides=sets, conditions=["correct"])
+    states = dict(stage_states(tree))
+    assert [s for n, s in states.items() if n.startswith(("sft", "prepare_model"))] == ["Cached", "Cached"]
+    assert states["rlvr_round-0"] == "Cached"
+    assert states["rlvr_round-1"] == "Completed" and states["rlvr_round-2"] == "Completed"
+    assert jobs.count("rlvr") == 2 and "sft" not in jobs
+    for k in range(3):
+        assert (rlvr_dir / f"round-{k:04d}" / "metrics.json").is_file()
+    # Round 1 started from round 0's complete folder (its rollouts name that policy).
+    import pandas as pd
+
+    policy = pd.read_parquet(rlvr_dir / "round-0001" / "rollouts.parquet")["policy_ref"].unique()
+    assert list(policy) == [str(rlvr_dir / "round-0000")]
+    assert result["rlvr"]["uri"] == "models:/rlvr/2"
