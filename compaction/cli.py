@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Flow name -> (module, function); imported only when run.
-FLOWS = {"post-train": ("flows.post_train", "post_train"), "compaction": ("flows.compaction", "compaction"),
+FLOWS = {"post-train": ("flows.post_train", "post_train"), "compaction": ("flows.compact", "compaction"),
          "watch-rlvr": ("flows.watch_rlvr", "watch_rlvr")}
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.compaction import check_conditions, compaction
+from flows.compact import check_conditions, compaction
 from tasks.base import flow_run, load_flow_params
 from tasks.data import prepare_data, prepare_model
 from tasks.evaluate import evaluate, record_evaluation

@@ -98,6 +98,12 @@ def prefect_server(tmp_path_factory):
             time.sleep(0.5)
     with temporary_settings({PREFECT_API_URL: url}):
         yield {"url": url, "env": env, "home": home}
+        # Send buffered logs and events while the server is up: at exit they would retry for a minute.
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)
+        EventsWorker.drain_all(timeout=10)
     import signal
 
     os.killpg(proc.pid, signal.SIGTERM)

@@ -142,7 +142,7 @@ def test_second_run_with_the_same_inputs_executes_no_job(project):
 
 
 def test_changed_opsd_lr_reruns_opsd_and_its_evaluation_only(project):
-    from flows.compaction import compaction
+    from flows.compact import compaction
 
     result, tree, jobs = run_flow(compaction, params=SMOKE, overrides=["opsd.lr=3e-4"], conditions=["all"])
     states = dict(stage_states(tree))
@@ -157,7 +157,7 @@ def test_changed_opsd_lr_reruns_opsd_and_its_evaluation_only(project):
 
 def test_missing_output_invalidates_its_cache_record(project):
     """A cache record whose folder was deleted is not used: the stage runs again."""
-    from flows.compaction import compaction
+    from flows.compact import compaction
 
     result, _, _ = run_flow(compaction, params=SMOKE, conditions=["baseline"])
     eval_dir = Path(result["evaluations"]["baseline"]["eval_dir"])
@@ -168,7 +168,7 @@ def test_missing_output_invalidates_its_cache_record(project):
 
 
 def test_bad_checkpoint_and_conditions_fail_before_any_job(project):
-    from flows.compaction import compaction
+    from flows.compact import compaction
     from tasks.base import JOB_SECONDS
 
     JOB_SECONDS.clear()

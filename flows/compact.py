@@ -1,4 +1,5 @@
-"""Flow ``compaction``: from an RLVR checkpoint to evaluated, registered, compacted models.
+"""Flow ``compaction`` (module ``compact``: a file named compaction.py would shadow the package
+when Prefect loads it as a script): from an RLVR checkpoint to evaluated, registered, compacted models.
 
     checkpoint (path | models:/ URI, default models:/rlvr@latest) -> evaluate (opsd-baseline)
     per condition: OPSD rounds -> evaluate -> register a `compacted` version (tag condition)
