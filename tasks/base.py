@@ -167,7 +167,7 @@ def _die_with_parent() -> None:
         pass
 
 
-def accelerate_command(params: Params, module: str, args: Sequence[str]) -> list[str]:
+def accelerate_command(params: Params, module: str, args: Sequence[str], processes: int | None = None) -> list[str]:
     exe = Path(sys.executable).parent / "accelerate"
     launcher = [str(exe)] if exe.is_file() else [sys.executable, "-m", "accelerate.commands.launch"]
     cmd = [*launcher, "launch"] if exe.is_file() else launcher
@@ -177,7 +177,7 @@ def accelerate_command(params: Params, module: str, args: Sequence[str]) -> list
         if not cfg.is_file():
             raise FileNotFoundError(f"launcher.accelerate_config: {cfg}: no such file")
         cmd += ["--config_file", str(cfg)]
-    cmd += ["--num_processes", str(params.launcher.num_processes), "-m", module,
+    cmd += ["--num_processes", str(processes or params.launcher.num_processes), "-m", module,
             "--params", str(params_file(params)), *args]
     return cmd
 
@@ -218,8 +218,11 @@ def run_subprocess(cmd: Sequence[str], env: Mapping[str, str], cwd: str | Path, 
 
 
 def launch(params: Params, module: str, args: Sequence[str], inline: Callable[[], Any], run_id: str | None,
-           stage: str) -> float:
-    """Run one job (inline or under accelerate); returns the seconds spent inside it."""
+           stage: str, distributed: bool = True) -> float:
+    """Run one job (inline or under accelerate); returns the seconds spent inside it.
+
+    ``distributed=False``: a job that does not split its work over processes (evaluate) runs as
+    one accelerate process, so N copies never write the same output."""
     logger = get_run_logger()
     t0 = time.perf_counter()
     if params.launcher.kind == "inline":
@@ -231,7 +234,8 @@ def launch(params: Params, module: str, args: Sequence[str], inline: Callable[[]
         env["MLFLOW_TRACKING_URI"] = params.tracking.tracking_uri or ""
         if run_id:  # the job's log_metrics_if_active attaches to the stage run (compaction.tracking)
             env["MLFLOW_RUN_ID"] = run_id
-        run_subprocess(accelerate_command(params, module, args), env, params.paths.root, logger)
+        cmd = accelerate_command(params, module, args, processes=None if distributed else 1)
+        run_subprocess(cmd, env, params.paths.root, logger)
     seconds = time.perf_counter() - t0
     JOB_SECONDS.append((stage, seconds))
     return seconds

@@ -41,7 +41,8 @@ def evaluate_task(params: Params, checkpoint: str, problems: str | None) -> dict
     out = eval_dir(params, checkpoint, problems)
     args = ["--checkpoint", checkpoint, "--out", str(out), *(["--problems", problems] if problems else [])]
     # No MLflow run here: record_evaluation logs the result into each flow run that uses it.
-    seconds = launch(params, "jobs.evaluate", args, lambda: job.run(params, checkpoint, problems, out), None, "eval")
+    seconds = launch(params, "jobs.evaluate", args, lambda: job.run(params, checkpoint, problems, out), None, "eval",
+                     distributed=False)
     metrics = out / "metrics.json"
     if not metrics.is_file():
         raise RuntimeError(f"evaluate: the job ended without writing {metrics}")

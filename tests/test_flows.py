@@ -227,3 +227,84 @@ def test_post_train_resumes_after_sigkill_during_rlvr(project, prefect_server):
     policy = pd.read_parquet(rlvr_dir / "round-0001" / "rollouts.parquet")["policy_ref"].unique()
     assert list(policy) == [str(rlvr_dir / "round-0000")]
     assert result["rlvr"]["uri"] == "models:/rlvr/2"
+
+
+# ---------------------------------------------------------------------------- launcher
+def test_failing_job_output_is_quoted_and_its_process_tree_killed(tmp_path):
+    """run_subprocess: a failure raises with the last lines; an exception in the launching task
+    (here: the logger) kills the job's whole process group, grandchildren included."""
+    import logging
+
+    from tasks.base import JobFailed, run_subprocess
+
+    log = logging.getLogger("test-launcher")
+    with pytest.raises(JobFailed, match=r"(?s)exited with status 3.*line 2\nline 3"):
+        run_subprocess(["bash", "-c", "echo line 1; echo line 2; echo line 3; exit 3"], os.environ, tmp_path, log)
+
+    class Boom(logging.Logger):
+        def info(self, msg, *args, **kwargs):
+            if "launch" not in msg and args and str(args[0]).startswith("child"):
+                raise KeyboardInterrupt("task cancelled")
+
+    pid_file = tmp_path / "child.pid"
+    with pytest.raises(KeyboardInterrupt):
+        run_subprocess(["bash", "-c", f"sleep 300 & echo $! > {pid_file}; sleep 0.2; echo child; wait"], os.environ,
+                       tmp_path, Boom("boom"))
+    grandchild = int(pid_file.read_text())
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):
+        os.kill(grandchild, 0)
+
+
+def _fresh_project(tmp_path, mlflow_db_template, monkeypatch) -> Path:
+    shutil.copy(mlflow_db_template, tmp_path / "mlflow.db")
+    monkeypatch.setenv("COMPACTION_HOME", str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_accelerate_launcher_runs_rounds_in_two_processes(tmp_path, mlflow_db_template, prefect_server, tiny_model,
+                                                          monkeypatch):
+    """launcher.kind=accelerate with params/accelerate/cpu-2proc.yaml: OPSD rounds run as
+    `accelerate launch --num_processes 2 -m jobs.opsd`, their lines reach the Prefect run log, their
+    metrics the stage's MLflow run (MLFLOW_RUN_ID)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    from flows.compact import compaction
+
+    root = _fresh_project(tmp_path, mlflow_db_template, monkeypatch)
+    sets = ["launcher.kind=accelerate", "launcher.accelerate_config=" + str(REPO / "params/accelerate/cpu-2proc.yaml"),
+            "launcher.num_processes=2", "opsd.rounds=1"]
+    state = compaction(params=SMOKE, overrides=sets, checkpoint=tiny_model, conditions=["all"], return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    APILogWorker.drain_all(timeout=10)
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(
+            any_=[state.state_details.flow_run_id])), limit=200)
+    text = "\n".join(entry.message for entry in logs)
+    assert "--num_processes 2 -m jobs.opsd" in text and "--num_processes 1 -m jobs.evaluate" in text
+    assert "opsd round 0 [all]: acc" in text  # the job's own line, streamed from the subprocess
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("compaction-smoke")
+    (opsd_run,) = client.search_runs([exp.experiment_id], "tags.stage = 'opsd'")
+    assert [m.step for m in client.get_metric_history(opsd_run.info.run_id, "opsd/loss")] == [0]
+    assert Path(result["registered"][0]["uri"]) and (Path(result["evaluations"]["all"]["eval_dir"]) /
+                                                     "metrics.json").is_file()
+
+
+@pytest.mark.slow
+def test_accelerate_job_failure_fails_the_flow_with_its_output(tmp_path, mlflow_db_template, prefect_server,
+                                                               monkeypatch):
+    from flows.compact import compaction
+
+    root = _fresh_project(tmp_path, mlflow_db_template, monkeypatch)
+    bad = root / "not-a-model"
+    bad.mkdir()
+    (bad / "config.json").write_text("{}")
+    state = compaction(params=SMOKE, overrides=["launcher.kind=accelerate"], checkpoint=str(bad),
+                       conditions=["baseline"], return_state=True)
+    assert state.is_failed()
+    assert "jobs.evaluate exited with status" in state.message and "last lines of its output" in state.message
