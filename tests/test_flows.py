@@ -252,8 +252,9 @@ def test_failing_job_output_is_quoted_and_its_process_tree_killed(tmp_path):
                        tmp_path, Boom("boom"))
     grandchild = int(pid_file.read_text())
     time.sleep(0.5)
-    with pytest.raises(ProcessLookupError):
-        os.kill(grandchild, 0)
+    status = Path(f"/proc/{grandchild}/status")
+    # Gone, or a zombie waiting for an init that does not reap (containers): either way, not running.
+    assert not status.exists() or "\nState:\tZ" in status.read_text(), status.read_text()
 
 
 def _fresh_project(tmp_path, mlflow_db_template, monkeypatch) -> Path:
