@@ -28,7 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 # The repo first: bench/kernels.py would shadow the kernels package (the script's folder is sys.path[0]).
 sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
 for k, v in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1",
-             "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}.items():
+             "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1",
+             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}.items():
     os.environ.setdefault(k, v)
 
 

@@ -25,6 +25,9 @@ OFFLINE_ENV = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
     "TOKENIZERS_PARALLELISM": "false",
+    # Prefect's ephemeral server (direct flow runs) gets 20 s to start by default: too little on a
+    # busy 2-core machine (seen: a timeout while training ran beside it).
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
 }
 
 
