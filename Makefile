@@ -51,7 +51,7 @@ bench-orchestration: $(STAMP)
 
 # Background processes run in their own process group (setsid) and write its leader's PID to
 # .prefect/*.pid; `make stop` ends exactly those groups (the worker's flow runs, the server's
-# workers).
+# workers): SIGTERM, then SIGKILL after 15 s (a worker whose server is gone keeps retrying).
 serve: $(STAMP)
 	@mkdir -p $(PREFECT_DIR)
 	@if [ -f $(PREFECT_DIR)/server.pid ] && kill -0 $$(cat $(PREFECT_DIR)/server.pid) 2>/dev/null; then \
@@ -87,7 +87,11 @@ stop:
 		f=$(PREFECT_DIR)/$$name.pid; \
 		if [ -f $$f ]; then \
 			pid=$$(cat $$f); \
-			if kill -0 $$pid 2>/dev/null; then kill -TERM -- -$$pid && echo "stopped $$name (process group $$pid)"; \
+			if kill -0 $$pid 2>/dev/null; then \
+				kill -TERM -$$pid; \
+				for i in $$(seq 1 15); do kill -0 $$pid 2>/dev/null || break; sleep 1; done; \
+				if kill -0 $$pid 2>/dev/null; then kill -KILL -$$pid; fi; \
+				echo "stopped $$name (process group $$pid)"; \
 			else echo "$$name (pid $$pid) was not running"; fi; \
 			rm -f $$f; \
 		fi; \
