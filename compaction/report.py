@@ -465,6 +465,7 @@ def plot_length_histograms(data: dict[str, dict[str, pd.DataFrame]], path: Path)
 def plot_training_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], path: Path) -> None:
     """``curves``: {metric: {run label: [(step, value), ...]}}; one panel per metric."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     metrics = [m for m in CURVE_METRICS if m in curves] + sorted(m for m in curves if m not in CURVE_METRICS)
     ncols = min(3, len(metrics))
@@ -478,6 +479,7 @@ def plot_training_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], 
             ax.plot(steps, values, marker="." if len(steps) < 30 else None, color=colors[label], label=label)
         ax.set_title(metric)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     for ax in axes.ravel()[len(metrics):]:

@@ -43,3 +43,22 @@ def tiny_model(smoke_params, smoke_data) -> str:
     from jobs import prepare_model
 
     return prepare_model.run(smoke_params, smoke_data["problems"], smoke_data["traces"])
+
+
+@pytest.fixture(scope="session")
+def mlflow_db_template(tmp_path_factory) -> Path:
+    """An empty, migrated MLflow SQLite store (migrating one takes ~6 s): copy it, don't migrate again."""
+    import mlflow
+
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture
+def project(tmp_path, mlflow_db_template) -> Path:
+    """A project folder (COMPACTION_HOME) whose mlflow.db is a copy of the migrated template."""
+    import shutil
+
+    shutil.copy(mlflow_db_template, tmp_path / "mlflow.db")
+    return tmp_path
