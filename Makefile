@@ -23,7 +23,7 @@ PREFECT_POOL ?= compaction-pool
 PREFECT_DIR := .prefect
 PREFECT_API_URL_SERVE := http://127.0.0.1:$(PREFECT_PORT)/api
 
-.PHONY: venv test demo bench bench-orchestration clean serve stop
+.PHONY: venv test demo bench bench-orchestration ui clean serve stop
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,14 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/compaction demo --params $(PARAMS)
+
+# The MLflow UI over the project's store, on loopback only; one worker and no background job
+# runners (mlflow's defaults start 4 workers and job runners: too much for a small machine).
+UI_PORT ?= 5000
+ui: $(STAMP)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui \
+		--backend-store-uri sqlite:///$(abspath mlflow.db) --default-artifact-root $(abspath mlartifacts) \
+		--host 127.0.0.1 --port $(UI_PORT) --workers 1
 
 bench: $(STAMP)
 	$(BIN)/python bench/grading.py

@@ -6,6 +6,7 @@
     compaction redundancy-map ROUND_DIR_OR_PARQUET --out FILE.html   # OPSD per-token divergences as HTML
     compaction run FLOW --params FILE [--set key=value ...] [--checkpoint REF] [--condition C ...]
                                      # a Prefect flow (post-train, compaction, watch-rlvr) run directly
+    compaction report [--params FILE] [--set key=value ...] [--study NAME|latest] [--json] [--out DIR]
 
 The CLI is an entrypoint, above every layer: it imports jobs (and, later, flows) lazily,
 so that `compaction grade` does not pay for torch and `--help` is instant. Params are
@@ -66,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--condition", dest="conditions", action="append", default=None,
                      choices=["baseline", "all", "correct", "incorrect"],
                      help="compaction, post-train: OPSD condition (repeatable; default opsd.conditions)")
+
+    rep = sub.add_parser("report", help="one study's models x benchmarks table with bootstrap intervals, plots, maps")
+    _add_params_args(rep)
+    rep.add_argument("--study", default=None,
+                     help="study NAME (experiment compaction-NAME, folder artifacts/reports/NAME), or `latest`: the "
+                     "experiment of the store with the newest eval run (default: the params' study)")
+    rep.add_argument("--json", action="store_true", help="print report.json instead of the table")
+    rep.add_argument("--out", default=None, help="folder to write (default: artifacts/reports/<study>/)")
+    rep.add_argument("--parent-run", default=None, help="report on this flow run (MLflow run id) instead of the latest")
+    rep.add_argument("--no-mlflow", action="store_true", help="do not log the report to MLflow")
     return parser
 
 
@@ -108,7 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         from compaction.params import dump_params, load_params
 
-        params = load_params(args.params, args.overrides)  # fail on bad params before any work
+        overrides = list(args.overrides)
+        if args.command == "report" and args.study and args.study != "latest":
+            overrides = [f"study={args.study}", f"tracking.experiment=compaction-{args.study}", *overrides]
+        params = load_params(args.params, overrides)  # fail on bad params before any work
         if args.command == "run":
             return _run_flow(args)
         if args.command == "params":
@@ -119,10 +133,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             run_demo(params)
             return 0
+        if args.command == "report":
+            return _report(args, params)
     except (ParamsError, FileNotFoundError, ValueError) as exc:
         print(f"compaction {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 1
+
+
+def _report(args: argparse.Namespace, params) -> int:
+    import json
+
+    from compaction.report import latest_experiment, make_report, render_markdown
+
+    if args.study == "latest":
+        experiment = latest_experiment(params.tracking.tracking_uri)
+        params.tracking.experiment = experiment
+        params.study = experiment.removeprefix("compaction-")
+    report = make_report(params, out_dir=args.out, parent_run_id=args.parent_run, log_to_mlflow=not args.no_mlflow)
+    if args.json:
+        print(json.dumps(report.payload, indent=1))
+    else:
+        print(render_markdown(report.payload), end="")
+        print(f"report -> {report.out_dir}" + (f" (MLflow run {report.run_id})" if report.run_id else ""))
+    return 0
 
 
 def _grade(args: argparse.Namespace) -> int:

@@ -241,6 +241,35 @@ class EvalParams(Section):
     seed: int = Field(1234)
 
 
+# ------------------------------------------------------------------ report, promotion
+class ReportParams(Section):
+    """`compaction report`: the comparison table of one study (compaction/report.py)."""
+
+    baseline: str = Field("rlvr", description="Model label (eval run tag `model`) that deltas are measured against.")
+    scope: Literal["latest", "experiment"] = Field(
+        "latest",
+        description="`latest`: the eval runs of the latest flow run (root parent run) that has any; "
+        "`experiment`: every finished eval run of the study, per model label the runs of its latest "
+        "`policy_ref` (for studies built by several flow runs, e.g. one deployment per condition).",
+    )
+    bootstrap_samples: int = Field(2000, ge=100, description="Bootstrap resamples for the intervals.")
+    confidence: float = Field(0.95, gt=0, lt=1, description="Coverage of the percentile bootstrap intervals.")
+    seed: int = Field(0, description="Seed of the bootstrap (the same runs give the same intervals).")
+
+
+class PromotionParams(Section):
+    """The gate that puts alias `candidate` on a `compacted` model version (compaction/promotion.py)."""
+
+    max_accuracy_drop: float = Field(
+        2.0, ge=0,
+        description="Largest accepted accuracy drop against the RLVR baseline, in percentage points, on "
+        "every gated benchmark; the candidate must also answer with strictly fewer mean tokens on each.",
+    )
+    benchmarks: list[str] | None = Field(
+        None, description="Benchmarks the gate checks; None = every benchmark the baseline was evaluated on."
+    )
+
+
 # ----------------------------------------------------------------------- tracking
 class TrackingParams(Section):
     tracking_uri: str | None = Field(
@@ -286,6 +315,8 @@ class Params(Section):
     grading: GradingParams = Field(default_factory=GradingParams)
     opsd: OPSDParams = Field(default_factory=OPSDParams)
     eval: EvalParams = Field(default_factory=EvalParams)
+    report: ReportParams = Field(default_factory=ReportParams)
+    promotion: PromotionParams = Field(default_factory=PromotionParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
     launcher: LauncherParams = Field(default_factory=LauncherParams)
     registry: RegistryParams = Field(default_factory=RegistryParams)

@@ -3,7 +3,7 @@ when Prefect loads it as a script): from an RLVR checkpoint to evaluated, regist
 
     checkpoint (path | models:/ URI, default models:/rlvr@latest) -> evaluate (opsd-baseline)
     per condition: OPSD rounds -> evaluate -> register a `compacted` version (tag condition)
-    -> [promotion gate -> compacted@candidate, report: issue 7]
+    -> promotion gate (compacted@candidate) -> report (artifacts/reports/<study>/)
 
 Deployments ``opsd-correct``, ``opsd-all``, ``opsd-incorrect`` (prefect.yaml) run it with one
 condition each; ``opsd-correct`` is triggered by ``rlvr.checkpoint.landed``.
@@ -18,7 +18,8 @@ from tasks.base import flow_run, load_flow_params
 from tasks.data import prepare_data
 from tasks.evaluate import evaluate, record_evaluation
 from tasks.opsd import opsd_round
-from tasks.registry import register_compacted, resolve_checkpoint
+from tasks.registry import promote_compacted, register_compacted, resolve_checkpoint
+from tasks.report import report
 
 
 def check_conditions(conditions: list[str] | None, default: list[str]) -> list[str]:
@@ -56,6 +57,7 @@ def compaction(params: str = "params/demo.yaml", overrides: list[str] = [],  # n
             if last:
                 registered.append(register_compacted(p, model, last["run_id"], condition, policy_ref,
                                                       evaluations[condition], baseline, parent))
-        # Issue 7 wires in here: the promotion gate over `registered` (alias compacted@candidate
-        # on a pass, compaction.promotion) and the report task over this flow run's eval runs.
-        return {"checkpoint": ckpt, "evaluations": evaluations, "registered": registered, "mlflow_run_id": parent}
+        registered = [promote_compacted(p, r) for r in registered]  # compacted@candidate on a pass
+        summary = report(p, parent)
+        return {"checkpoint": ckpt, "evaluations": evaluations, "registered": registered, "report": summary,
+                "mlflow_run_id": parent}

@@ -100,3 +100,19 @@ def announce_checkpoint(registered: dict) -> str | None:
     )
     get_run_logger().info("emitted %s for %s", LANDED_EVENT, registered["uri"])
     return str(event.id) if event else None
+
+
+@task(name="promote_compacted", cache_policy=NO_CACHE, task_run_name="promote_compacted-{registered[condition]}")
+def promote_compacted(params: Params, registered: dict) -> dict:
+    """The promotion gate (compaction.promotion) for one registered ``compacted`` version: alias
+    ``candidate`` when accuracy drops by at most ``promotion.max_accuracy_drop`` points on every
+    benchmark and responses are shorter; otherwise version tags say why not."""
+    from compaction import tracking
+    from compaction.promotion import apply_promotion
+
+    tracking.configure(params.tracking)
+    promote, reason = apply_promotion(registered["name"], registered["version"], registered["baseline_metrics"],
+                                      registered["metrics"], params.promotion.benchmarks,
+                                      params.promotion.max_accuracy_drop)
+    get_run_logger().info("%s: %s", registered["uri"], reason)
+    return {**registered, "promoted": promote, "promotion": reason}

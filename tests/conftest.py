@@ -112,3 +112,10 @@ def prefect_server(tmp_path_factory):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     log.close()
+@pytest.fixture
+def project(tmp_path, mlflow_db_template) -> Path:
+    """A project folder (COMPACTION_HOME) whose mlflow.db is a copy of the migrated template."""
+    import shutil
+
+    shutil.copy(mlflow_db_template, tmp_path / "mlflow.db")
+    return tmp_path
