@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compaction", description="Post-RL compaction pipeline (SFT -> RLVR -> OPSD).")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="run the pipeline on the embedded default and print a summary")
+    demo = sub.add_parser("demo", help="the post-train flow on the embedded default (ephemeral Prefect), then the report table")
     _add_params_args(demo)
 
     grade = sub.add_parser("grade", help="grade a rollouts Parquet file with math-verify")
@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from compaction.demo import run_demo
 
-            run_demo(params)
+            run_demo(args.params, args.overrides)
             return 0
         if args.command == "report":
             return _report(args, params)

@@ -155,6 +155,8 @@ def select_eval_runs(client, exp, uri: str, scope: str = "latest",
             policy_ref=tags.get("policy_ref"), eval_dir=Path(tags["eval_dir"]), start_time=r.info.start_time,
             root_id=_root_of(r, client, cache)))
     if parent_run_id:
+        # A subflow's run (compaction inside post-train) reports on its whole flow run tree.
+        parent_run_id = _root_of(client.get_run(parent_run_id), client, cache)
         chosen = [e for e in evals if e.root_id == parent_run_id]
         if not chosen:
             raise ReportError(f"flow run {parent_run_id} of experiment {exp.name!r} has no finished eval runs")

@@ -1,5 +1,6 @@
 """The `compaction` console script, run as a user runs it (a subprocess of the installed entry point)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -63,24 +64,21 @@ def test_grade_cli_missing_column_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end_on_smoke_params(tmp_path):
+def test_demo_runs_the_post_train_flow_and_prints_the_report_table(tmp_path):
     r = run_cli("demo", "--params", "params/smoke.yaml", home=tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    assert "demo summary (smoke)" in r.stdout
-    assert "reference_solution_accuracy" in r.stdout
-    # Outputs exist, in the schemas, under the project folder.
-    rollouts = list((tmp_path / "artifacts" / "rollouts").glob("*/rollouts.parquet"))
-    grades = list((tmp_path / "artifacts" / "rollouts").glob("*/grades.parquet"))
-    assert len(rollouts) == 1 and len(grades) == 1
-    r_df, g_df = pd.read_parquet(rollouts[0]), pd.read_parquet(grades[0])
-    assert len(r_df) == 16 * 2 and set(g_df.rollout_id) == set(r_df.rollout_id)
-    assert (tmp_path / "mlflow.db").is_file()
+    report = json.loads((tmp_path / "artifacts" / "reports" / "smoke" / "report.json").read_text())
+    models = {row["model"] for row in report["rows"]}
+    assert {"sft", "rlvr", "opsd-all", "opsd-correct", "opsd-incorrect"} <= models
+    for model in ("sft", "rlvr", "opsd-all", "opsd-correct", "opsd-incorrect"):
+        assert model in r.stdout  # the printed table has a row per model
+    assert "make ui" in r.stdout
+    # Accuracy in the table is what the eval grades say.
+    for row in report["rows"]:
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["mean_response_tokens"] > 0
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")
     exp = client.get_experiment_by_name("compaction-smoke")
-    runs = client.search_runs([exp.experiment_id])
-    assert len(runs) == 1
-    m = runs[0].data.metrics
-    assert m["demo/reference_solution_accuracy"] == 1.0
-    assert m["demo/rollouts"] == 32
+    evals = client.search_runs([exp.experiment_id], "tags.stage = 'eval'")
+    assert {"sft", "rlvr", "opsd-correct"} <= {e.data.tags["model"] for e in evals}
