@@ -158,7 +158,11 @@ class RLVRParams(Section):
     rounds: int = Field(10, ge=0, description="Rounds of rollouts -> grade -> update.")
     prompts_per_round: int = Field(32, ge=1)
     samples_per_prompt: int = Field(8, ge=2, description="Group size for group-normalised advantages.")
-    steps_per_round: int = Field(1, ge=1, description="Optimizer steps per round (1 = fully on-policy).")
+    steps_per_round: int = Field(1, ge=1, description="Passes (PPO epochs) over the round's batch.")
+    mini_batches: int = Field(
+        1, ge=1, description="Optimizer steps per pass: the kept groups are split by group index into this "
+        "many mini-batches (PPO mini-batches), so a round's rollouts give several steps at the cost of one "
+        "extra forward pass for the behaviour log-probs. 1 with steps_per_round 1 = fully on-policy.")
     micro_batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-4, gt=0)
     eps_low: float = Field(0.2, ge=0)

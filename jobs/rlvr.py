@@ -12,8 +12,8 @@ name and renamed into place, so a killed job restarts at the first missing round
 Per round: `prompts_per_round` training problems (a seeded, round-dependent order) x
 `samples_per_prompt` samples; rewards from math-verify (1 correct / 0 not, plus the soft
 overlong penalty if chosen); group-normalised advantages; dynamic sampling drops groups whose
-rewards all agree; `steps_per_round` optimizer steps of the clipped surrogate
-(eps_low / eps_high), aggregated as token_mean / seq_mean / const_norm, optional k3 KL to the
+rewards all agree; `steps_per_round` passes of `mini_batches` optimizer steps each on the clipped
+surrogate (eps_low / eps_high), aggregated as token_mean / seq_mean / const_norm, optional k3 KL to the
 frozen starting policy. Log-probs come from `kernels.linear_logprobs` (hidden states + LM head).
 
 Generation is layout-independent: prompts are cut into fixed generation chunks, each sampled
@@ -124,63 +124,82 @@ class RLVRRound:
             batch_std = float(np.sqrt(max(s2 / cnt - (s / cnt) ** 2, 0.0)))
         adv = group_advantages(r, cfg.adv_scaling, batch_std)
         keep = ~zero_var if cfg.dynamic_sampling else np.ones(len(groups), bool)
-        seqs = []
+        seqs = []  # (ids, response start, advantage, mini-batch)
         for g, a, k in zip(groups, adv, keep):
             if not k:
                 continue
+            mini = int(g["group"].iloc[0]) % cfg.mini_batches  # by global group index: layout-independent
             for (_, row), adv_i in zip(g.iterrows(), a):
                 if cfg.overlong == "mask" and row["finish_reason"] == "length":
                     continue  # truncated: no verdict on an unfinished answer
                 p_ids = self.tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
                 r_ids = list(row["response_token_ids"])
                 if r_ids:
-                    seqs.append((p_ids + r_ids, len(p_ids), float(adv_i)))
-        local = torch.tensor([len(seqs), sum(len(s) - st for s, st, _ in seqs), float(zero_var.sum()), len(groups)],
-                             dtype=torch.float64, device=acc.device)
-        n_seqs, n_tokens, n_zero, n_groups = acc.reduce(local, "sum").tolist()
+                    seqs.append((p_ids + r_ids, len(p_ids), float(adv_i), mini))
+        M = cfg.mini_batches
+        # Global counts, per mini-batch (sequences, response tokens), then zero-variance and groups.
+        local = np.zeros(2 * M + 2)
+        for ids, st, _, m in seqs:
+            local[2 * m] += 1
+            local[2 * m + 1] += len(ids) - st
+        local[2 * M:] = zero_var.sum(), len(groups)
+        counts = acc.reduce(torch.tensor(local, dtype=torch.float64, device=acc.device), "sum").tolist()
+        n_zero, n_groups = counts[2 * M:]
+        n_seqs, n_tokens = sum(counts[0:2 * M:2]), sum(counts[1:2 * M:2])
         stats = {"rlvr/group_zero_variance_fraction": n_zero / max(n_groups, 1), "rlvr/trained_sequences": n_seqs}
         if n_seqs == 0:
             self.log.info("rlvr round %d: every group has zero reward variance; no update", self.round)
             return {**stats, "rlvr/loss": 0.0, "rlvr/clip_fraction": 0.0, "rlvr/grad_norm": 0.0}
-        weights = token_weights([len(s) - st for s, st, _ in seqs], cfg.loss_agg, n_tokens, n_seqs, cfg.max_new_tokens)
-        batches = micro_batches(list(zip(seqs, weights)), cfg.micro_batch_size)
-        # Behaviour log-probs: with one step per round the policy has not moved, so ratio = 1 exactly.
-        old = None if cfg.steps_per_round == 1 else [self._logprobs(self.scorer, mb, no_grad=True) for mb in batches]
-        ref = None if self.reference is None else [self._logprobs(self.reference, mb, no_grad=True) for mb in batches]
+        # Each mini-batch is one optimizer step, its loss normalised over its own global batch.
+        minis = []
+        for m in range(M):
+            if counts[2 * m] == 0:
+                continue  # empty on every process: no step
+            mine = [(ids, st, a) for ids, st, a, mm in seqs if mm == m]
+            w = token_weights([len(ids) - st for ids, st, _ in mine], cfg.loss_agg, counts[2 * m + 1],
+                              counts[2 * m], cfg.max_new_tokens)
+            minis.append(micro_batches(list(zip(mine, w)), cfg.micro_batch_size))
+        # Behaviour log-probs: with a single step the policy has not moved, so ratio = 1 exactly.
+        on_policy = cfg.steps_per_round == 1 and len(minis) == 1
+        old = None if on_policy else [[self._logprobs(self.scorer, mb, no_grad=True) for mb in b] for b in minis]
+        ref = None if self.reference is None else [
+            [self._logprobs(self.reference, mb, no_grad=True) for mb in b] for b in minis]
         scale = acc.num_processes  # DDP averages gradients; the weights already normalise globally
-        loss_sum, clipped, kl = 0.0, 0.0, 0.0  # summed over steps, reported per step
-        for step in range(cfg.steps_per_round):
-            # Every process must join each collective: pad the shorter lists with empty batches.
-            n_micro = int(acc.reduce(torch.tensor(len(batches), device=acc.device), "max").item())
-            for k in range(n_micro):
-                mb = batches[k] if k < len(batches) else []
-                ctx = acc.no_sync(self.scorer) if k < n_micro - 1 else nullcontext()
-                with ctx:
-                    if mb:
-                        logp = self._logprobs(self.scorer, mb)
-                        b_old = logp.detach() if old is None else old[k]
-                        adv_t, w_t = self._token_values(mb)
-                        loss, st = clipped_policy_loss(logp, b_old, adv_t, w_t, cfg.eps_low, cfg.eps_high,
-                                                       None if ref is None else ref[k], cfg.kl_coef)
-                    else:
-                        # Nothing left on this process: a zero loss, but through the wrapped forward,
-                        # so that DDP still joins the gradient all-reduce of the other processes.
-                        b = {k: v.to(acc.device) for k, v in placeholder_batch(self.tokenizer.pad_token_id).items()}
-                        loss = self.scorer(b["input_ids"], b["attention_mask"], b["score_mask"]).sum() * 0.0
-                        st = {"clipped": torch.tensor(0.0)}
-                    acc.backward(loss * scale)
-                loss_sum += float(loss.detach())
-                clipped += float(st["clipped"])
-                kl += float(st.get("kl", 0.0))
-            grad_norm = acc.clip_grad_norm_(self.scorer.parameters(), 1.0)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        loss_sum, clipped, kl, n_steps = 0.0, 0.0, 0.0, 0  # summed over steps, reported per pass
+        for _ in range(cfg.steps_per_round):
+            for i, batches in enumerate(minis):
+                # Every process must join each collective: pad the shorter lists with empty batches.
+                n_micro = int(acc.reduce(torch.tensor(len(batches), device=acc.device), "max").item())
+                for k in range(n_micro):
+                    mb = batches[k] if k < len(batches) else []
+                    ctx = acc.no_sync(self.scorer) if k < n_micro - 1 else nullcontext()
+                    with ctx:
+                        if mb:
+                            logp = self._logprobs(self.scorer, mb)
+                            b_old = logp.detach() if old is None else old[i][k]
+                            adv_t, w_t = self._token_values(mb)
+                            loss, st = clipped_policy_loss(logp, b_old, adv_t, w_t, cfg.eps_low, cfg.eps_high,
+                                                           None if ref is None else ref[i][k], cfg.kl_coef)
+                        else:
+                            # Nothing left on this process: a zero loss, but through the wrapped forward,
+                            # so that DDP still joins the gradient all-reduce of the other processes.
+                            b = {k: v.to(acc.device) for k, v in placeholder_batch(self.tokenizer.pad_token_id).items()}
+                            loss = self.scorer(b["input_ids"], b["attention_mask"], b["score_mask"]).sum() * 0.0
+                            st = {"clipped": torch.tensor(0.0)}
+                        acc.backward(loss * scale)
+                    loss_sum += float(loss.detach())
+                    clipped += float(st["clipped"])
+                    kl += float(st.get("kl", 0.0))
+                grad_norm = acc.clip_grad_norm_(self.scorer.parameters(), 1.0)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                n_steps += 1
         tot = acc.reduce(torch.tensor([loss_sum, clipped, kl], dtype=torch.float64, device=acc.device), "sum").tolist()
-        steps = cfg.steps_per_round
-        stats.update({"rlvr/loss": tot[0] / steps, "rlvr/clip_fraction": tot[1] / (n_tokens * steps),
-                      "rlvr/grad_norm": float(grad_norm)})
+        passes = cfg.steps_per_round
+        stats.update({"rlvr/loss": tot[0] / passes, "rlvr/clip_fraction": tot[1] / (n_tokens * passes),
+                      "rlvr/grad_norm": float(grad_norm), "rlvr/optimizer_steps": n_steps})
         if self.reference is not None:
-            stats["rlvr/kl"] = tot[2] / (n_tokens * steps)
+            stats["rlvr/kl"] = tot[2] / (n_tokens * passes)
         return stats
 
     def _token_values(self, mb):

@@ -40,7 +40,7 @@ def test_rounds_write_rollouts_grades_checkpoint_and_metrics(sft_ckpt, smoke_dat
     from compaction.params import load_params
     from jobs import rlvr
 
-    params = load_params(REPO / "params" / "smoke.yaml", UPDATE_OPTS + ["rlvr.kl_coef=0.05"],
+    params = load_params(REPO / "params" / "smoke.yaml", UPDATE_OPTS + ["rlvr.kl_coef=0.05", "rlvr.mini_batches=2"],
                          base=Path(smoke_params.paths.root))
     final = rlvr.run(params, sft_ckpt, smoke_data["problems"], tmp_path / "rlvr")
     rounds = sorted((tmp_path / "rlvr").glob("round-*"))
@@ -58,6 +58,7 @@ def test_rounds_write_rollouts_grades_checkpoint_and_metrics(sft_ckpt, smoke_dat
             assert key in m, key
     m0 = json.loads((rounds[0] / "metrics.json").read_text())
     assert m0["rlvr/trained_sequences"] > 0 and m0["rlvr/grad_norm"] > 0
+    assert m0["rlvr/optimizer_steps"] == 2  # 4 groups in 2 mini-batches: two steps per round
     # The policy moved.
     a, b = load_file(f"{sft_ckpt}/model.safetensors"), load_file(f"{final}/model.safetensors")
     assert any(not torch.equal(a[k], b[k]) for k in a)
@@ -68,11 +69,14 @@ def test_rounds_write_rollouts_grades_checkpoint_and_metrics(sft_ckpt, smoke_dat
 
 
 @pytest.mark.slow
-def test_two_processes_take_the_same_rlvr_step_as_one(sft_ckpt, smoke_data, tmp_path):
+@pytest.mark.parametrize("mini_batches", [1, 2])
+def test_two_processes_take_the_same_rlvr_steps_as_one(sft_ckpt, smoke_data, tmp_path, mini_batches):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # 3 one-prompt generation chunks: one process gets 2 micro-batches, the other 1 (it must still
-    # join the gradient all-reduce of the second).
-    opts = [*UPDATE_OPTS, "rlvr.prompts_per_round=3", "rollout.batch_size=2", "rlvr.micro_batch_size=2"]
+    # join the gradient all-reduce of the second). With 2 mini-batches, groups {0, 2} then {1}:
+    # each step mixes both processes' groups.
+    opts = [*UPDATE_OPTS, "rlvr.prompts_per_round=3", "rollout.batch_size=2", "rlvr.micro_batch_size=2",
+            f"rlvr.mini_batches={mini_batches}"]
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run(rlvr_cmd(sft_ckpt, smoke_data["problems"], one, *opts, round_=0), cwd=REPO, env=env,
                    check=True, capture_output=True, timeout=300)
