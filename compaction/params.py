@@ -46,6 +46,12 @@ class SyntheticDomain(Section):
         "'wait'/'hmm' hesitation, detour that comes back).",
     )
     traces_per_problem: int = Field(1, ge=1, description="SFT traces sampled per training problem.")
+    slip_rate: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Fraction of SFT traces that end in an uncaught slip (a wrong last step and a wrong "
+        "boxed answer), as in teacher-distilled SFT data that no verifier filtered. SFT learns to slip "
+        "at about this rate; RLVR's verifiable reward is what removes it (docs/tuning.md).",
+    )
     privileged_fraction: float = Field(
         0.25, ge=0.0, le=1.0,
         description="Fraction of training problems that get one more SFT example whose prompt also shows "

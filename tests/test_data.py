@@ -118,6 +118,23 @@ def test_solutions_and_traces_grade_correct_against_their_own_answer(grader, see
     assert not bad, bad[:3]
 
 
+def test_slipped_traces_box_a_wrong_answer_and_leave_the_others_unchanged(grader):
+    df = generate_problems(60, 4, seed=3, families=["arithmetic", "word_problem", "modular"], difficulty=(1, 2))
+    df = df[df.split == "train"]
+    clean = make_traces(df, 0.5, seed=3)
+    slips = make_traces(df, 0.5, seed=3, slip_rate=0.5)
+    assert not clean.slipped.any()
+    # Families whose last step has no near-miss value (modular) never slip.
+    family = slips.problem_id.map(dict(zip(df.problem_id, df.family)))
+    assert not slips[family == "modular"].slipped.any()
+    assert 0.2 < slips.slipped.mean() < 0.6
+    # Unslipped traces are the same text as with slip_rate 0 (slips draw from their own stream).
+    assert (slips.response[~slips.slipped] == clean.response[~slips.slipped]).all()
+    # A slipped trace is graded wrong against the problem's answer, which the row keeps.
+    grades = grader.grade(list(slips.response[slips.slipped]), list(slips.answer[slips.slipped]))
+    assert not any(g.correct for g in grades)
+
+
 # --------------------------------------------------------------------- loaders
 def _write(tmp_path, name, rows):
     path = tmp_path / name

@@ -351,8 +351,19 @@ def problem_from_row(row) -> SyntheticProblem:
     return SyntheticProblem(row["family"], int(row["difficulty"]), row["problem"], row["answer"], steps, row["intro"])
 
 
+def slipped(p: SyntheticProblem) -> SyntheticProblem | None:
+    """``p`` with its last step computed wrong (its near-miss value) and that value boxed as the
+    answer: an uncaught slip. None when the last step has no near-miss or does not give the answer."""
+    last = p.steps[-1] if p.steps else None
+    if last is None or last.wrong is None or last.result != p.answer or "=" not in last.text:
+        return None
+    text = last.text.rsplit("=", 1)[0] + "= " + last.wrong
+    return SyntheticProblem(p.family, p.difficulty, p.problem, last.wrong, [*p.steps[:-1], Step(text, last.wrong)],
+                            p.intro)
+
+
 def make_traces(problems: pd.DataFrame, redundancy_rate: float, seed: int = 0, traces_per_problem: int = 1,
-                privileged_fraction: float = 0.0) -> pd.DataFrame:
+                privileged_fraction: float = 0.0, slip_rate: float = 0.0) -> pd.DataFrame:
     """SFT traces for synthetic problems: ``problem_id, trace_index, problem, context, response, answer``.
 
     ``context`` is None for ordinary examples. For a seeded ``privileged_fraction`` of the
@@ -369,11 +380,14 @@ def make_traces(problems: pd.DataFrame, redundancy_rate: float, seed: int = 0, t
         base = {"problem_id": row["problem_id"], "problem": row["problem"], "answer": row["answer"]}
         for k in range(traces_per_problem):
             rng = random.Random(f"{seed}:{row['problem_id']}:{k}")
-            out.append({**base, "trace_index": k, "context": None,
-                        "response": thinking_trace(p, rng, redundancy_rate)})
+            slip = None
+            if slip_rate > 0 and random.Random(f"{seed}:{row['problem_id']}:{k}:slip").random() < slip_rate:
+                slip = slipped(p)
+            out.append({**base, "trace_index": k, "context": None, "slipped": slip is not None,
+                        "response": thinking_trace(slip or p, rng, redundancy_rate)})
         if random.Random(f"{seed}:{row['problem_id']}:privileged").random() < privileged_fraction:
             rng = random.Random(f"{seed}:{row['problem_id']}:{traces_per_problem}")
-            out.append({**base, "trace_index": traces_per_problem, "context": row["solution"],
+            out.append({**base, "trace_index": traces_per_problem, "context": row["solution"], "slipped": False,
                         "response": thinking_trace(p, rng, 0.0)})
-    columns = ["problem_id", "trace_index", "problem", "context", "response", "answer"]
+    columns = ["problem_id", "trace_index", "problem", "context", "response", "answer", "slipped"]
     return pd.DataFrame(out, columns=columns)
