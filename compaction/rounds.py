@@ -58,18 +58,19 @@ def chunk_seed(seed: int, round_: int, chunk: int) -> int:
 
 def generate_round_rollouts(acc, model, tokenizer, problems: pd.DataFrame, *, samples_per_prompt: int,
                             temperature: float, max_new_tokens: int, seed: int, round_: int, policy_ref: str,
-                            enable_thinking: bool, batch_size: int, desc: str) -> pd.DataFrame:
+                            enable_thinking: bool, batch_size: int, desc: str, decoder: str = "auto") -> pd.DataFrame:
     """This process's share of the round's rollouts (with ``response_token_ids``).
 
     ``group`` = the prompt's position in the round (a problem may appear twice when the order
-    wraps): the unit of group statistics. ``batch_size`` sequences per generate call.
+    wraps): the unit of group statistics. ``batch_size`` sequences per generate call; ``decoder``
+    as ``rollout.hf_decoder``.
     """
     n = samples_per_prompt
     per_chunk = max(1, batch_size // n)
     chunks = [list(range(i, min(i + per_chunk, len(problems)))) for i in range(0, len(problems), per_chunk)]
     mine = [c for c in range(len(chunks)) if c % acc.num_processes == acc.process_index]
     was_training = model.training
-    engine = HFEngine(model.eval(), tokenizer, batch_size=per_chunk * n)
+    engine = HFEngine(model.eval(), tokenizer, batch_size=per_chunk * n, decoder=decoder)
     frames = []
     for c in tqdm(mine, desc=desc, disable=not acc.is_main_process):
         sampling = Sampling(n=n, temperature=temperature, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,

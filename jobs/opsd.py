@@ -134,7 +134,7 @@ class OPSDRound:
             samples_per_prompt=cfg.samples_per_prompt, temperature=cfg.sample_temperature,
             max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, round_=self.round, policy_ref=self.prev_ref,
             enable_thinking=self.p.model.enable_thinking, batch_size=self.p.rollout.batch_size,
-            desc=f"opsd round {self.round} rollouts")
+            decoder=self.p.rollout.hf_decoder, desc=f"opsd round {self.round} rollouts")
 
     # ---------------------------------------------------------------- grade
     def grade(self, rollouts: pd.DataFrame) -> pd.DataFrame:

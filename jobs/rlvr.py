@@ -98,7 +98,8 @@ class RLVRRound:
             self.acc, self.policy, self.tokenizer, self.problems, samples_per_prompt=cfg.samples_per_prompt,
             temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, round_=self.round,
             policy_ref=self.prev_ref, enable_thinking=self.p.model.enable_thinking,
-            batch_size=self.p.rollout.batch_size, desc=f"rlvr round {self.round} rollouts")
+            batch_size=self.p.rollout.batch_size, decoder=self.p.rollout.hf_decoder,
+            desc=f"rlvr round {self.round} rollouts")
 
     # ---------------------------------------------------------------- grade
     def grade(self, rollouts: pd.DataFrame) -> pd.DataFrame:

@@ -21,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from compaction.params import Params
 from tasks.base import StagePolicy, call, git_commit, launch, stage_key, stage_task
 
-SECTIONS = ("eval", "model", "rollout.backend", "rollout.batch_size", "rollout.seed",
+SECTIONS = ("eval", "model", "rollout.backend", "rollout.hf_decoder", "rollout.batch_size", "rollout.seed",
             "rollout.vllm_gpu_memory_utilization", "rollout.vllm_tensor_parallel_size", "grading")
 
 

@@ -15,7 +15,7 @@ from compaction.params import Params
 from compaction.rounds import round_completed, round_dir
 from tasks.base import StagePolicy, call, launch, stage_key, stage_run, stage_task
 
-SECTIONS = ("rlvr", "model", "rollout.batch_size", "grading")
+SECTIONS = ("rlvr", "model", "rollout.batch_size", "rollout.hf_decoder", "grading")
 EXCLUDE = {"rlvr": ("rounds",)}
 
 

@@ -15,8 +15,10 @@ from compaction.data import GRADE_COLUMNS, ROLLOUT_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
 # Rewards vary with length under the soft overlong penalty even when nothing is correct yet,
-# so the random-weight smoke model still gets a gradient.
-UPDATE_OPTS = ["rlvr.overlong=penalty", "rlvr.overlong_buffer=24", "rlvr.dynamic_sampling=false",
+# so the barely trained smoke model still gets a gradient. 64 tokens: at 32 only ~1 response in
+# 5 ends before the limit, and a round of 8 where all run to it has no reward variance at all.
+UPDATE_OPTS = ["rlvr.overlong=penalty", "rlvr.max_new_tokens=64", "rlvr.overlong_buffer=56",
+               "rlvr.dynamic_sampling=false",
                "rlvr.prompts_per_round=4", "rlvr.samples_per_prompt=2", "rollout.batch_size=4"]
 
 

@@ -31,7 +31,8 @@ def make_engine(policy_ref: str, rollout: RolloutParams, model: ModelParams, dev
     if rollout.backend == "vllm":
         return VLLMEngine(policy_ref, dtype=model.dtype, gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
                           tensor_parallel_size=rollout.vllm_tensor_parallel_size, seed=rollout.seed)
-    return HFEngine.from_pretrained(policy_ref, dtype=model.dtype, device=device, batch_size=rollout.batch_size)
+    return HFEngine.from_pretrained(policy_ref, dtype=model.dtype, device=device, batch_size=rollout.batch_size,
+                                    decoder=rollout.hf_decoder)
 
 
 def generate_rollouts(

@@ -1,4 +1,8 @@
-"""Rollouts with transformers ``generate``: batched, left-padded, KV cache, n samples per prompt."""
+"""Rollouts from a transformers model: batched, left-padded, KV cache, n samples per prompt.
+
+The decode loop is ``generate`` itself, or (``decoder="lean"``) the plain loop of
+``compaction.rollout.lean`` over the same weights, ~2x faster for the embedded model on CPU.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,23 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from compaction.rollout import lean
 from compaction.rollout.base import Completion, Sampling
+
+DECODERS = ("auto", "generate", "lean")
+
+
+def pick_decoder(model, decoder: str, device: torch.device) -> str:
+    """``auto`` = ``lean`` for a supported model on CPU (where generate's per-step overhead
+    dominates), else ``generate``. Asking for ``lean`` on a model it cannot run is an error."""
+    if decoder not in DECODERS:
+        raise ValueError(f"rollout.hf_decoder: {decoder!r} is not one of {DECODERS}")
+    if decoder == "auto":
+        return "lean" if device.type == "cpu" and lean.supports(model) else "generate"
+    if decoder == "lean" and not lean.supports(model):
+        raise ValueError(f"rollout.hf_decoder=lean supports {lean.SUPPORTED_MODEL_TYPES} models only, "
+                         f"not {getattr(model.config, 'model_type', type(model).__name__)}; use generate")
+    return decoder
 
 
 class HFEngine:
@@ -19,7 +39,8 @@ class HFEngine:
     state is seeded from (seed, batch index), so a run is reproducible.
     """
 
-    def __init__(self, model, tokenizer, batch_size: int = 32, device: str | torch.device | None = None):
+    def __init__(self, model, tokenizer, batch_size: int = 32, device: str | torch.device | None = None,
+                 decoder: str = "auto"):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "left"
@@ -29,12 +50,14 @@ class HFEngine:
         eos = gen_eos if gen_eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self.decoder = pick_decoder(model, decoder, self.device)
 
     @classmethod
-    def from_pretrained(cls, ref: str, dtype: str = "auto", device: str = "cpu", batch_size: int = 32):
+    def from_pretrained(cls, ref: str, dtype: str = "auto", device: str = "cpu", batch_size: int = 32,
+                        decoder: str = "auto"):
         from compaction.model import load_model, load_tokenizer
 
-        return cls(load_model(ref, dtype, device), load_tokenizer(ref), batch_size=batch_size)
+        return cls(load_model(ref, dtype, device), load_tokenizer(ref), batch_size=batch_size, decoder=decoder)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], sampling: Sampling, progress: bool = False) -> list[list[Completion]]:
@@ -44,19 +67,34 @@ class HFEngine:
         for b, batch in enumerate(tqdm(batches, desc="generate", unit="batch", disable=not progress)):
             enc = self.tokenizer([p for _, p in batch], return_tensors="pt", padding=True,
                                  add_special_tokens=False).to(self.device)
-            torch.manual_seed(sampling.seed * 1_000_003 + b)
-            kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=self.pad_id,
-                          eos_token_id=sorted(self.eos_ids), use_cache=True)
-            if sampling.greedy:
-                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            seed = sampling.seed * 1_000_003 + b
+            if self.decoder == "lean":
+                new_tokens = self._lean_generate(enc, sampling, seed)
             else:
-                kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
-                              top_k=sampling.top_k or None)
-            out = self.model.generate(**enc, **kwargs)
-            new_tokens = out[:, enc["input_ids"].shape[1]:].tolist()
+                new_tokens = self._hf_generate(enc, sampling, seed)
             for (prompt_index, _), ids in zip(batch, new_tokens):
                 results[prompt_index].append(self._completion(ids))
         return results
+
+    def _hf_generate(self, enc, sampling: Sampling, seed: int) -> list[list[int]]:
+        torch.manual_seed(seed)
+        kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=self.pad_id,
+                      eos_token_id=sorted(self.eos_ids), use_cache=True)
+        if sampling.greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
+                          top_k=sampling.top_k or None)
+        out = self.model.generate(**enc, **kwargs)
+        return out[:, enc["input_ids"].shape[1]:].tolist()
+
+    def _lean_generate(self, enc, sampling: Sampling, seed: int) -> list[list[int]]:
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        out = lean.LeanQwen3(self.model).generate(
+            enc["input_ids"], enc["attention_mask"], max_new_tokens=sampling.max_new_tokens,
+            eos_ids=sorted(self.eos_ids), pad_id=self.pad_id, temperature=sampling.temperature,
+            top_k=sampling.top_k, top_p=sampling.top_p, generator=generator)
+        return out.tolist()
 
     def _completion(self, ids: list[int]) -> Completion:
         # Cut at the first end token; after it, generate only pads the row.
