@@ -48,6 +48,7 @@ open an ``eval`` path.
 
 from __future__ import annotations
 
+import atexit
 import math
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
@@ -670,3 +671,23 @@ def grade_file(in_path, out_path, problems_path=None, workers: int = 2, timeout_
     rollouts = read_parquet(in_path, required=["rollout_id", "response"])
     grades = grade_rollouts(rollouts, answers, workers=workers, timeout_s=timeout_s, progress=progress)
     return write_parquet(grades, out_path, schema=_grades_schema(grades))
+
+
+_SHARED: dict[tuple[int, float], Grader] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_grader(workers: int, timeout_s: float) -> Grader:
+    """The process's :class:`Grader` for these settings: started on first use, closed at exit.
+
+    A flow runs its round and evaluation tasks one after another in one process; starting new
+    workers for each (spawn + importing math-verify, ~3 s on 2 cores) costs more than grading a
+    round, so the tasks share these.
+    """
+    key = (int(workers), float(timeout_s))
+    with _SHARED_LOCK:
+        grader = _SHARED.get(key)
+        if grader is None:
+            grader = _SHARED[key] = Grader(*key)
+            atexit.register(grader.close)
+        return grader

@@ -21,6 +21,7 @@ with at least one correct sample), ``mean_response_tokens``, ``median_response_t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -77,8 +78,10 @@ def benchmark_metrics(bench: str, rollouts: pd.DataFrame, grades: pd.DataFrame, 
     return {f"eval/{bench}/{k}": v for k, v in m.items()}
 
 
-def run(params: Params, checkpoint: str, problems_path: str | None, out: str | Path) -> str:
-    """Evaluate ``checkpoint`` on every benchmark; returns the path of ``OUT/metrics.json``."""
+def run(params: Params, checkpoint: str, problems_path: str | None, out: str | Path,
+        grader: Grader | None = None) -> str:
+    """Evaluate ``checkpoint`` on every benchmark; returns the path of ``OUT/metrics.json``.
+    ``grader``: running workers to use (default: a pool of its own for this call)."""
     log, e = get_logger(), params.eval
     out = Path(out)
     sets = benchmarks(params, problems_path)
@@ -88,7 +91,8 @@ def run(params: Params, checkpoint: str, problems_path: str | None, out: str | P
     tokenizer = load_tokenizer(params.model.tokenizer or checkpoint)
     metrics: dict[str, float] = {}
     try:
-        with atomic_dir(out) as tmp, Grader(params.grading.workers, params.grading.timeout_s) as grader:
+        pool = contextlib.nullcontext(grader) if grader else Grader(params.grading.workers, params.grading.timeout_s)
+        with atomic_dir(out) as tmp, pool as grader:
             for bench, problems in sets.items():
                 t0 = time.perf_counter()
                 rollouts = generate_rollouts(engine, tokenizer, problems, sampling, checkpoint,

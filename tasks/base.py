@@ -42,12 +42,18 @@ from prefect.cache_policies import CachePolicy
 from prefect.utilities.hashing import hash_objects
 
 from compaction.artifacts import atomic_path
+from compaction.grading import Grader, shared_grader
 from compaction.params import Params, dump_params, load_params
 
 RESULTS_DIR = "prefect-results"
 PARAMS_DIR = "params"
 #: Output lines of a failed accelerate job quoted in the error.
 TAIL_LINES = 40
+
+
+def grader_for(params: Params) -> Grader:
+    """The grading workers shared by the inline jobs of this process (a flow's rounds and evaluations)."""
+    return shared_grader(params.grading.workers, params.grading.timeout_s)
 
 
 # ----------------------------------------------------------------------------- params

@@ -19,7 +19,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from compaction.params import Params
-from tasks.base import StagePolicy, call, git_commit, launch, stage_key, stage_task
+from tasks.base import StagePolicy, call, git_commit, grader_for, launch, stage_key, stage_task
 
 SECTIONS = ("eval", "model", "rollout.backend", "rollout.hf_decoder", "rollout.batch_size", "rollout.seed",
             "rollout.vllm_gpu_memory_utilization", "rollout.vllm_tensor_parallel_size", "grading")
@@ -41,7 +41,8 @@ def evaluate_task(params: Params, checkpoint: str, problems: str | None) -> dict
     out = eval_dir(params, checkpoint, problems)
     args = ["--checkpoint", checkpoint, "--out", str(out), *(["--problems", problems] if problems else [])]
     # No MLflow run here: record_evaluation logs the result into each flow run that uses it.
-    seconds = launch(params, "jobs.evaluate", args, lambda: job.run(params, checkpoint, problems, out), None, "eval",
+    seconds = launch(params, "jobs.evaluate", args,
+                     lambda: job.run(params, checkpoint, problems, out, grader=grader_for(params)), None, "eval",
                      distributed=False)
     metrics = out / "metrics.json"
     if not metrics.is_file():

@@ -13,7 +13,7 @@ from typing import Any
 
 from compaction.params import Params
 from compaction.rounds import round_completed, round_dir
-from tasks.base import StagePolicy, call, launch, stage_key, stage_run, stage_task
+from tasks.base import StagePolicy, call, grader_for, launch, stage_key, stage_run, stage_task
 
 SECTIONS = ("opsd", "model", "rollout.batch_size", "rollout.hf_decoder", "grading", "eval.epistemic_markers")
 EXCLUDE = {"opsd": ("rounds", "conditions")}
@@ -43,7 +43,7 @@ def opsd_round_task(params: Params, policy: str, prev: str, problems: str, condi
 
     def inline() -> None:
         job.check_job(params, problems, condition)
-        job.run_round(params, prev, policy, problems, out, round_, condition)
+        job.run_round(params, prev, policy, problems, out, round_, condition, grader=grader_for(params))
 
     with stage_run(params, parent_run_id, f"opsd-{condition}", tags, log_sections=SECTIONS) as run_id:
         seconds = launch(params, "jobs.opsd", args, inline, run_id, "opsd")

@@ -13,7 +13,7 @@ from typing import Any
 
 from compaction.params import Params
 from compaction.rounds import round_completed, round_dir
-from tasks.base import StagePolicy, call, launch, stage_key, stage_run, stage_task
+from tasks.base import StagePolicy, call, grader_for, launch, stage_key, stage_run, stage_task
 
 SECTIONS = ("rlvr", "model", "rollout.batch_size", "rollout.hf_decoder", "grading")
 EXCLUDE = {"rlvr": ("rounds",)}
@@ -39,7 +39,8 @@ def rlvr_round_task(params: Params, policy: str, prev: str, problems: str, round
     args = ["--policy", policy, "--problems", problems, "--out", str(out), "--round", str(round_)]
     with stage_run(params, parent_run_id, "rlvr", tags, log_sections=SECTIONS) as run_id:
         seconds = launch(params, "jobs.rlvr", args,
-                         lambda: job.run_round(params, prev, policy, problems, out, round_), run_id, "rlvr")
+                         lambda: job.run_round(params, prev, policy, problems, out, round_, grader=grader_for(params)),
+                         run_id, "rlvr")
     if not round_completed(out, round_):
         raise RuntimeError(f"rlvr round {round_}: the job ended without completing {round_dir(out, round_)}")
     folder = round_dir(out, round_)

@@ -316,6 +316,18 @@ def test_workers_start_lazily_and_close(monkeypatch):
     assert g.worker_pids() == []
 
 
+def test_shared_grader_keeps_its_workers_between_callers():
+    from compaction.grading import shared_grader
+
+    a = shared_grader(1, 4.0)
+    assert a.grade(["\\boxed{2}"], ["2"])[0].correct
+    (pid,) = a.worker_pids()
+    b = shared_grader(1, 4.0)  # a later round task of the same flow process
+    assert b is a and b.grade(["\\boxed{3}"], ["2"])[0].correct is False
+    assert b.worker_pids() == [pid]
+    assert shared_grader(1, 3.0) is not a  # other settings, other workers
+
+
 # --------------------------------------------------------------------------- frames and files
 
 def _rollouts(with_answer: bool) -> pd.DataFrame:
