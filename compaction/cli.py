@@ -95,7 +95,10 @@ def _run_flow(args: argparse.Namespace) -> int:
         kwargs.update(checkpoint=args.checkpoint, conditions=args.conditions)
     elif args.flow == "post-train":
         kwargs.update(conditions=args.conditions)
-    state = flow_fn(**kwargs, return_state=True)
+    from flows.direct import direct_run_settings
+
+    with direct_run_settings():
+        state = flow_fn(**kwargs, return_state=True)
     print(f"flow {args.flow}: {state.name}")
     if not state.is_completed():
         print(f"compaction run: error: {state.message}", file=sys.stderr)

@@ -16,12 +16,14 @@ from rich.table import Table
 
 
 def run_demo(params_path: str, overrides: Sequence[str], console: Console | None = None) -> dict:
+    from flows.direct import direct_run_settings
     from flows.post_train import post_train
 
     # At least 120 columns: a piped or logged demo (80 by default) would cut the model names.
     console = console or Console(width=max(Console().width, 120))
     t0 = time.perf_counter()
-    state = post_train(params=str(Path(params_path).resolve()), overrides=list(overrides), return_state=True)
+    with direct_run_settings():
+        state = post_train(params=str(Path(params_path).resolve()), overrides=list(overrides), return_state=True)
     if not state.is_completed():
         raise RuntimeError(f"post-train flow {state.name}: {state.message}")
     result = state.result()

@@ -9,7 +9,9 @@ in ``MLFLOW_TRACKING_URI`` because accelerate's MLflow tracker reads it only fro
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -17,6 +19,13 @@ from compaction.params import TrackingParams, flatten
 
 MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value (characters)
 BATCH = 100  # MLflow accepts at most 100 params per log_batch call
+
+#: The run that :func:`attach_run` attached to: :func:`log_metrics` writes there, before MLflow's
+#: active run (which, inside a flow, is the flow's parent run).
+_attached_run: contextvars.ContextVar[str | None] = contextvars.ContextVar("compaction_attached_run", default=None)
+#: Experiment ids by (tracking URI, name): an experiment is never renamed, and looking it up costs
+#: a query per stage run.
+_experiment_ids: dict[tuple[str, str], str] = {}
 
 
 def configure(tracking: TrackingParams) -> str:
@@ -41,10 +50,13 @@ def ensure_experiment(tracking: TrackingParams, name: str | None = None) -> str:
     """Get or create the experiment (artifacts under the absolute artifact root); returns its id."""
     import mlflow
 
-    configure(tracking)
+    uri = configure(tracking)
     name = name or tracking.experiment
+    if (uri, name) in _experiment_ids:
+        return _experiment_ids[uri, name]
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
+        _experiment_ids[uri, name] = exp.experiment_id
         return exp.experiment_id
     root = Path(tracking.artifact_root or "mlartifacts").resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -77,6 +89,36 @@ def start_run(
         yield run
 
 
+@contextlib.contextmanager
+def attach_run(tracking: TrackingParams, run_id: str) -> Iterator[str]:
+    """Log into the existing run ``run_id`` for the duration (:func:`log_metrics` writes there)
+    without reopening it as MLflow's active run: ``mlflow.start_run(run_id=...)`` reads the whole
+    run and writes its status twice, ~40 ms for each round of a stage. At the end the run is
+    marked finished (or failed) again, so its end time is the last round's; system metrics, when
+    ``tracking.system_metrics`` is on, continue where the run's last round left them."""
+    import mlflow
+
+    configure(tracking)
+    client = mlflow.MlflowClient()
+    client.update_run(run_id, status="RUNNING")  # what the UI shows while the round runs
+    monitor = None
+    if tracking.system_metrics:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, resume_logging=True)
+        monitor.start()
+    token = _attached_run.set(run_id)
+    status = "FAILED"
+    try:
+        yield run_id
+        status = "FINISHED"
+    finally:
+        _attached_run.reset(token)
+        if monitor is not None:
+            monitor.finish()
+        client.set_terminated(run_id, status=status)
+
+
 def log_params(params: Mapping[str, Any], prefix: str = "") -> None:
     """Log a nested mapping as flattened ``a.b.c`` params (values cut to MLflow's limit)."""
     import mlflow
@@ -103,8 +145,16 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
 
     clean = {mlflow_metric_name(k): float(v) for k, v in metrics.items()
              if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
-    if clean:
+    if not clean:
+        return
+    attached = _attached_run.get()
+    if attached is None:
         mlflow.log_metrics(clean, step=step)
+        return
+    from mlflow.entities import Metric
+
+    now_ms = int(time.time() * 1000)
+    mlflow.MlflowClient().log_batch(attached, metrics=[Metric(k, v, now_ms, step or 0) for k, v in clean.items()])
 
 
 def log_metrics_if_active(metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -117,7 +167,7 @@ def log_metrics_if_active(metrics: Mapping[str, float], step: int | None = None)
             # A job launched by a task in a subprocess (accelerate): the task put its stage run's
             # id in MLFLOW_RUN_ID (with MLFLOW_TRACKING_URI); attach to it once.
             mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"])
-        if mlflow.active_run() is not None:
+        if _attached_run.get() is not None or mlflow.active_run() is not None:
             log_metrics(metrics, step=step)
     except Exception:
         pass

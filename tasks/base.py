@@ -154,7 +154,8 @@ def call(task_obj, params: Params, **inputs: Any):
 
 
 # ----------------------------------------------------------------------------- job timing
-#: Seconds spent inside jobs by tasks that ran in this process (bench/orchestration.py reads it).
+#: (stage, seconds) of the stage work that ran in this process: each job call, and the report
+#: (a stage that is never cached). bench/orchestration.py sums it; the flow tests read which ran.
 JOB_SECONDS: list[tuple[str, float]] = []
 
 
@@ -277,15 +278,25 @@ def flow_run(params: Params, flow_name: str) -> Iterator[str]:
         yield run.info.run_id
 
 
+#: Stage runs by (tracking URI, parent run, run name), as this process created or found them:
+#: the rounds of a stage after the first skip the search.
+_stage_runs: dict[tuple[str, str, str], str] = {}
+
+
 def _find_child(params: Params, parent_run_id: str, run_name: str) -> str | None:
     import mlflow
 
     from compaction import tracking
 
+    key = (params.tracking.tracking_uri or "", parent_run_id, run_name)
+    if key in _stage_runs:
+        return _stage_runs[key]
     exp = tracking.ensure_experiment(params.tracking)
     runs = mlflow.MlflowClient().search_runs(
         [exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.mlflow.runName = '{run_name}'",
         max_results=1)
+    if runs:
+        _stage_runs[key] = runs[0].info.run_id
     return runs[0].info.run_id if runs else None
 
 
@@ -293,19 +304,20 @@ def _find_child(params: Params, parent_run_id: str, run_name: str) -> str | None
 def stage_run(params: Params, parent_run_id: str | None, run_name: str, tags: Mapping[str, str],
               log_sections: Sequence[str] = ()) -> Iterator[str]:
     """The stage's nested MLflow run under the flow's run: one per stage and flow run, so the
-    rounds of RLVR / OPSD (one task each) log into the same run, step = round. Yields its id."""
-    import mlflow
-
+    rounds of RLVR / OPSD (one task each) log into the same run, step = round. Yields its id.
+    A later round attaches to the run (:func:`compaction.tracking.attach_run`) instead of
+    reopening it."""
     from compaction import tracking
 
     all_tags = {**tags, "git_commit": git_commit()}
     existing = _find_child(params, parent_run_id, run_name) if parent_run_id else None
     if existing:
-        tracking.configure(params.tracking)
-        with mlflow.start_run(run_id=existing, nested=True) as run:
-            yield run.info.run_id
+        with tracking.attach_run(params.tracking, existing) as run_id:
+            yield run_id
         return
     with tracking.start_run(params.tracking, run_name, nested=True, tags=all_tags, parent_run_id=parent_run_id) as run:
+        if parent_run_id:
+            _stage_runs[params.tracking.tracking_uri or "", parent_run_id, run_name] = run.info.run_id
         if log_sections:
             tracking.log_params(section_payload(params, log_sections))
         yield run.info.run_id

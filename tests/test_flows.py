@@ -1,7 +1,8 @@
 """The Prefect flows on params/smoke.yaml, for real: a Prefect server, MLflow on SQLite in a temp
 project, the tiny model trained and evaluated.
 
-- a second run with the same inputs executes no job (every stage task is Cached);
+- a second run with the same inputs executes no job (every stage task is Cached; the report,
+  never cached, renders again);
 - a changed OPSD learning rate re-runs OPSD and its evaluation, nothing upstream;
 - post-train killed (SIGKILL) during RLVR resumes: completed rounds come from the cache;
 - the MLflow layout and registry of docs/decisions.md.
@@ -74,7 +75,7 @@ def test_post_train_runs_every_stage_and_tracks_it(project):
     # already evaluated as `rlvr`) come from the cache; every other stage ran.
     assert sorted(n.split("-")[0] for n, s in states if s == "Cached") == ["evaluate", "prepare_data"]
     assert all(s in ("Completed", "Cached") for _, s in states)
-    assert sorted(set(jobs)) == ["eval", "opsd", "prepare_data", "prepare_model", "rlvr", "sft"]
+    assert sorted(set(jobs)) == ["eval", "opsd", "prepare_data", "prepare_model", "report", "rlvr", "sft"]
     assert jobs.count("rlvr") == 2 and jobs.count("opsd") == 6  # 2 rounds; 2 rounds x (all, correct, incorrect)
 
     client = mlflow.MlflowClient(project["tracking_uri"])
@@ -133,7 +134,7 @@ def test_second_run_with_the_same_inputs_executes_no_job(project):
 
     result, tree, jobs = run_flow(post_train, params=SMOKE)
     states = stage_states(tree)
-    assert jobs == []
+    assert jobs == ["report"]  # never cached: it reads what this flow run recorded
     assert states and all(state == "Cached" for _, state in states), states
     assert {n.split("-")[0] for n, _ in states} == set(STAGE_TASKS)
     # Registration is idempotent: the same folders are the same versions.
@@ -148,7 +149,7 @@ def test_changed_opsd_lr_reruns_opsd_and_its_evaluation_only(project):
     states = dict(stage_states(tree))
     assert result["checkpoint"]["version_uri"] == "models:/rlvr/1"  # the default: models:/rlvr@latest
     assert states["opsd_round-all-0"] == "Completed" and states["opsd_round-all-1"] == "Completed"
-    assert sorted(jobs) == ["eval", "opsd", "opsd"]
+    assert sorted(jobs) == ["eval", "opsd", "opsd", "report"]
     assert [s for n, s in states.items() if n.startswith("prepare_data")] == ["Cached"]
     evaluate = sorted(s for n, s in states.items() if n.startswith("evaluate"))
     assert evaluate == ["Cached", "Completed"]  # the baseline from the cache, the new model evaluated
@@ -163,7 +164,7 @@ def test_missing_output_invalidates_its_cache_record(project):
     eval_dir = Path(result["evaluations"]["baseline"]["eval_dir"])
     shutil.rmtree(eval_dir)
     _, tree, jobs = run_flow(compaction, params=SMOKE, conditions=["baseline"])
-    assert jobs == ["eval"] and (eval_dir / "metrics.json").is_file()
+    assert jobs == ["eval", "report"] and (eval_dir / "metrics.json").is_file()
     assert sorted(s for _, s in stage_states(tree)) == ["Cached", "Completed"]  # prepare_data, evaluate
 
 
@@ -309,3 +310,19 @@ def test_accelerate_job_failure_fails_the_flow_with_its_output(tmp_path, mlflow_
                        conditions=["baseline"], return_state=True)
     assert state.is_failed()
     assert "jobs.evaluate exited with status" in state.message and "last lines of its output" in state.message
+
+
+def test_direct_runs_turn_heartbeats_off_only_in_ephemeral_mode():
+    """A flow run directly against the in-process ephemeral server needs no heartbeats (and each
+    flow run would wait up to 1 s for the heartbeat thread); against a real server they stay on."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    from flows.direct import direct_run_settings
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        with direct_run_settings():
+            assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() is None
+    default = PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value()
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
+        with direct_run_settings():
+            assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() == default is not None

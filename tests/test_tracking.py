@@ -40,3 +40,25 @@ def test_relative_sqlite_uri_is_refused(params):
     params.tracking.tracking_uri = "sqlite:///rel/mlflow.db"
     with pytest.raises(ValueError, match="absolute"):
         tracking.configure(params.tracking)
+
+
+def test_attached_run_gets_the_metrics_and_its_status_back(params):
+    """A stage's later rounds attach to its run (tasks.base.stage_run): metrics go there, not to the
+    active (parent) run, and the run ends FINISHED, or FAILED when the round raises."""
+    client = mlflow.MlflowClient(params.tracking.tracking_uri)
+    with tracking.start_run(params.tracking, "flow") as parent:
+        with tracking.start_run(params.tracking, "stage", nested=True) as stage:
+            tracking.log_metrics({"opsd/loss": 1.0}, step=0)
+        with tracking.attach_run(params.tracking, stage.info.run_id):
+            assert client.get_run(stage.info.run_id).info.status == "RUNNING"
+            tracking.log_metrics_if_active({"opsd/loss": 0.5}, step=1)
+        with pytest.raises(RuntimeError), tracking.attach_run(params.tracking, stage.info.run_id):
+            tracking.log_metrics({"opsd/loss": 0.25}, step=2)
+            raise RuntimeError("round failed")
+    history = client.get_metric_history(stage.info.run_id, "opsd/loss")
+    assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.5), (2, 0.25)]
+    assert "opsd/loss" not in client.get_run(parent.info.run_id).data.metrics
+    assert client.get_run(stage.info.run_id).info.status == "FAILED"
+    with tracking.attach_run(params.tracking, stage.info.run_id):
+        pass
+    assert client.get_run(stage.info.run_id).info.status == "FINISHED"
