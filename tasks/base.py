@@ -283,21 +283,25 @@ def flow_run(params: Params, flow_name: str) -> Iterator[str]:
 _stage_runs: dict[tuple[str, str, str], str] = {}
 
 
+def _stage_run_key(params: Params, parent_run_id: str, run_name: str) -> tuple[str, str, str]:
+    return params.tracking.tracking_uri or "", parent_run_id, run_name
+
+
 def _find_child(params: Params, parent_run_id: str, run_name: str) -> str | None:
     import mlflow
 
     from compaction import tracking
 
-    key = (params.tracking.tracking_uri or "", parent_run_id, run_name)
-    if key in _stage_runs:
-        return _stage_runs[key]
-    exp = tracking.ensure_experiment(params.tracking)
-    runs = mlflow.MlflowClient().search_runs(
-        [exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.mlflow.runName = '{run_name}'",
-        max_results=1)
-    if runs:
+    key = _stage_run_key(params, parent_run_id, run_name)
+    if key not in _stage_runs:
+        exp = tracking.ensure_experiment(params.tracking)
+        runs = mlflow.MlflowClient().search_runs(
+            [exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.mlflow.runName = '{run_name}'",
+            max_results=1)
+        if not runs:
+            return None
         _stage_runs[key] = runs[0].info.run_id
-    return runs[0].info.run_id if runs else None
+    return _stage_runs[key]
 
 
 @contextlib.contextmanager
@@ -317,7 +321,7 @@ def stage_run(params: Params, parent_run_id: str | None, run_name: str, tags: Ma
         return
     with tracking.start_run(params.tracking, run_name, nested=True, tags=all_tags, parent_run_id=parent_run_id) as run:
         if parent_run_id:
-            _stage_runs[params.tracking.tracking_uri or "", parent_run_id, run_name] = run.info.run_id
+            _stage_runs[_stage_run_key(params, parent_run_id, run_name)] = run.info.run_id
         if log_sections:
             tracking.log_params(section_payload(params, log_sections))
         yield run.info.run_id
