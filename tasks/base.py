@@ -159,6 +159,15 @@ def call(task_obj, params: Params, **inputs: Any):
 JOB_SECONDS: list[tuple[str, float]] = []
 
 
+def timed_job(stage: str, fn: Callable[[], Any]) -> tuple[Any, float]:
+    """``fn()``, its seconds recorded in :data:`JOB_SECONDS` under ``stage``; returns both."""
+    t0 = time.perf_counter()
+    out = fn()
+    seconds = time.perf_counter() - t0
+    JOB_SECONDS.append((stage, seconds))
+    return out, seconds
+
+
 # ----------------------------------------------------------------------------- launcher
 class JobFailed(RuntimeError):
     pass
@@ -231,10 +240,10 @@ def launch(params: Params, module: str, args: Sequence[str], inline: Callable[[]
     ``distributed=False``: a job that does not split its work over processes (evaluate) runs as
     one accelerate process, so N copies never write the same output."""
     logger = get_run_logger()
-    t0 = time.perf_counter()
     if params.launcher.kind == "inline":
-        inline()
-    else:
+        return timed_job(stage, inline)[1]
+
+    def accelerate() -> None:
         env = dict(os.environ)
         env["TQDM_DISABLE"] = "1"  # progress bars are carriage-return noise in a log
         env["PYTHONUNBUFFERED"] = "1"
@@ -243,9 +252,8 @@ def launch(params: Params, module: str, args: Sequence[str], inline: Callable[[]
             env["MLFLOW_RUN_ID"] = run_id
         cmd = accelerate_command(params, module, args, processes=None if distributed else 1)
         run_subprocess(cmd, env, params.paths.root, logger)
-    seconds = time.perf_counter() - t0
-    JOB_SECONDS.append((stage, seconds))
-    return seconds
+
+    return timed_job(stage, accelerate)[1]
 
 
 # ----------------------------------------------------------------------------- MLflow

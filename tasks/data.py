@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from compaction.params import Params
-from tasks.base import JOB_SECONDS, StagePolicy, call, stage_run, stage_task
+from tasks.base import StagePolicy, call, stage_run, stage_task, timed_job
 
 
 def _data_dir(params: Params) -> Path:
@@ -23,18 +23,13 @@ def _data_valid(inputs: dict[str, Any]) -> bool:
 
 @stage_task("prepare_data", StagePolicy(sections=("data",), job="jobs.prepare_data", valid=_data_valid))
 def prepare_data_task(params: Params, parent_run_id: str | None = None) -> dict:
-    import time
-
     import pandas as pd
 
     from jobs import prepare_data as job
     from compaction import tracking
 
     with stage_run(params, parent_run_id, "data", {"stage": "data"}, log_sections=("data",)) as run_id:
-        t0 = time.perf_counter()
-        refs = job.run(params)
-        seconds = time.perf_counter() - t0
-        JOB_SECONDS.append(("prepare_data", seconds))
+        refs, seconds = timed_job("prepare_data", lambda: job.run(params))
         counts = pd.read_parquet(refs["problems"], columns=["split"])["split"].value_counts()
         tracking.log_metrics({"data/train_problems": float(counts.get("train", 0)),
                               "data/eval_problems": float(counts.get("eval", 0))})
@@ -56,14 +51,9 @@ def _model_valid(inputs: dict[str, Any]) -> bool:
 
 @stage_task("prepare_model", StagePolicy(sections=("data", "model"), job="jobs.prepare_model", valid=_model_valid))
 def prepare_model_task(params: Params, problems: str, traces: str | None) -> dict:
-    import time
-
     from jobs import prepare_model as job
 
-    t0 = time.perf_counter()
-    base = job.run(params, problems, traces)
-    seconds = time.perf_counter() - t0
-    JOB_SECONDS.append(("prepare_model", seconds))
+    base, seconds = timed_job("prepare_model", lambda: job.run(params, problems, traces))
     return {"checkpoint": base, "seconds": seconds}
 
 

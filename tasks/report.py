@@ -8,19 +8,15 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from compaction.params import Params
-from tasks.base import JOB_SECONDS
+from tasks.base import timed_job
 
 
 @task(name="report", cache_policy=NO_CACHE)
 def report(params: Params, parent_run_id: str | None) -> dict:
-    import time
-
     from compaction.report import make_report
 
-    t0 = time.perf_counter()
-    result = make_report(params, parent_run_id=parent_run_id)
     # The report is a stage (DESIGN.md's table): its figures and tables are its job's work.
-    JOB_SECONDS.append(("report", time.perf_counter() - t0))
+    result, _ = timed_job("report", lambda: make_report(params, parent_run_id=parent_run_id))
     get_run_logger().info("report for study %s: %d rows -> %s", params.study, len(result.payload["rows"]),
                           result.out_dir / "report.md")
     return {"study": params.study, "out_dir": str(result.out_dir), "run_id": result.run_id,

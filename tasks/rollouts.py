@@ -7,24 +7,13 @@ All three run in-process: none of them trains, and ``jobs.rollouts`` is not a di
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from compaction.params import Params
-from tasks.base import JOB_SECONDS, StagePolicy, call, stage_key, stage_task
+from tasks.base import StagePolicy, call, stage_key, stage_task, timed_job
 
 ROLLOUT_SECTIONS = ("rollout", "model")
 GRADE_SECTIONS = ("grading",)
 FILTER_SECTIONS = ("opsd.unit", "opsd.group_threshold")
-
-
-def _timed(stage: str, fn) -> tuple[Any, float]:
-    import time
-
-    t0 = time.perf_counter()
-    out = fn()
-    seconds = time.perf_counter() - t0
-    JOB_SECONDS.append((stage, seconds))
-    return out, seconds
 
 
 # ------------------------------------------------------------------------------ rollouts
@@ -40,7 +29,7 @@ def rollouts_task(params: Params, policy: str, problems: str, split: str) -> dic
     from jobs import rollouts as job
 
     out = rollouts_path(params, policy, problems, split)
-    _, seconds = _timed("rollouts", lambda: job.run(params, policy, problems, split, out, progress=False))
+    _, seconds = timed_job("rollouts", lambda: job.run(params, policy, problems, split, out, progress=False))
     return {"rollouts": str(out), "seconds": seconds}
 
 
@@ -61,7 +50,7 @@ def grade_task(params: Params, rollouts_file: str, problems: str | None) -> dict
     from jobs import grade as job
 
     out = grades_path(params, rollouts_file, problems)
-    _, seconds = _timed("grade", lambda: job.run(params, rollouts_file, problems, out))
+    _, seconds = timed_job("grade", lambda: job.run(params, rollouts_file, problems, out))
     return {"grades": str(out), "seconds": seconds}
 
 
@@ -92,7 +81,7 @@ def filter_task(params: Params, rollouts_file: str, grades_file: str, condition:
         write_parquet(selected, out)
         return len(selected)
 
-    n, seconds = _timed("filter", run)
+    n, seconds = timed_job("filter", run)
     return {"selected": str(out), "rows": n, "seconds": seconds}
 
 
