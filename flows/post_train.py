@@ -10,6 +10,9 @@ the cache and continues at the first missing one.
 
 from __future__ import annotations
 
+import time
+from uuid import UUID
+
 from prefect import flow
 
 from flows.compact import check_conditions, compaction
@@ -19,6 +22,32 @@ from tasks.evaluate import evaluate, record_evaluation
 from tasks.registry import announce_checkpoint, register_rlvr
 from tasks.rlvr import rlvr_round
 from tasks.sft import sft
+
+
+def wait_until_recorded(task_run_id: UUID | None, timeout_s: float = 2.0) -> None:
+    """Wait (up to ``timeout_s``) until the server has recorded the final state of ``task_run_id``.
+
+    Task runs reach the server as events, written one by one by its task-run recorder, while a
+    subflow's tracking task run is created by a direct API call that reads, then writes. On
+    SQLite, a recorder commit between that read and write fails the call ("database is locked",
+    HTTP 503) and the client retries only after 2 s. Starting the subflow once the previous task
+    is on record (a few polls of ~10 ms) avoids that collision in nearly every run.
+    """
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    if task_run_id is None:
+        return
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            try:
+                state = client.read_task_run(task_run_id).state
+                if state is not None and state.is_final():
+                    return
+            except ObjectNotFound:
+                pass
+            time.sleep(0.02)
 
 
 @flow(name="post-train", log_prints=True)
@@ -43,7 +72,7 @@ def post_train(params: str = "params/demo.yaml", overrides: list[str] = [],  # n
         # Evaluate the registered copy: the path compaction resolves models:/rlvr/N to, so its
         # baseline evaluation is this one, from the cache.
         record_evaluation(p, evaluate(p, registered["path"], data["problems"]), "rlvr", None, registered["uri"], parent)
-        announce_checkpoint(registered)
-
+        announced = announce_checkpoint(registered, return_state=True)
+        wait_until_recorded(announced.state_details.task_run_id)
         result = compaction(params=params, overrides=overrides, checkpoint=registered["uri"], conditions=conditions)
         return {"sft": sft_ckpt, "rlvr": registered, "compaction": result, "mlflow_run_id": parent}
