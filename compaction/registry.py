@@ -77,13 +77,15 @@ def find_version(tracking: TrackingParams, name: str, source_dir: str | Path) ->
 
 
 def register_checkpoint(tracking: TrackingParams, name: str, checkpoint_dir: str | Path, run_id: str,
-                        tags: Mapping[str, str] | None = None, description: str | None = None) -> ModelVersionRef:
+                        tags: Mapping[str, str] | None = None, description: str | None = None,
+                        check_existing: bool = True) -> ModelVersionRef:
     """Log ``checkpoint_dir`` under ``checkpoint/`` of run ``run_id`` and register it as a version of
-    ``name``; returns the existing version when this folder was registered before."""
+    ``name``; returns the existing version when this folder was registered before
+    (``check_existing=False``: the caller has just looked, with :func:`find_version`)."""
     ckpt = Path(checkpoint_dir).resolve()
     if not (ckpt / "config.json").is_file():
         raise FileNotFoundError(f"{ckpt}: not a checkpoint folder (no config.json)")
-    existing = find_version(tracking, name, ckpt)
+    existing = find_version(tracking, name, ckpt) if check_existing else None
     if existing is not None:
         return existing
     client = _client(tracking)

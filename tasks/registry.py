@@ -53,7 +53,7 @@ def _register(params: Params, name: str, checkpoint: str, run_id: str | None, st
                                 tags={**stage_tags, "git_commit": git_commit()}) as run:
             run_id = run.info.run_id
     return registry.register_checkpoint(params.tracking, name, checkpoint, run_id,
-                                        tags={**extra_tags, "git_commit": git_commit()})
+                                        tags={**extra_tags, "git_commit": git_commit()}, check_existing=False)
 
 
 @task(name="register_rlvr", cache_policy=NO_CACHE)

@@ -62,3 +62,24 @@ def test_attached_run_gets_the_metrics_and_its_status_back(params):
     with tracking.attach_run(params.tracking, stage.info.run_id):
         pass
     assert client.get_run(stage.info.run_id).info.status == "FINISHED"
+
+
+def test_sqlite_store_in_wal_mode_lets_a_reader_and_a_writer_work_at_once(params, tmp_path):
+    """``mlflow ui`` reading the store while a job logs: in WAL mode the write commits at once
+    (in SQLite's default rollback journal it waits for the reader, then fails "database is locked")."""
+    import sqlite3
+
+    client = mlflow.MlflowClient(params.tracking.tracking_uri)
+    with tracking.start_run(params.tracking, "r") as run:
+        tracking.log_metrics({"sft/loss": 1.0}, step=0)
+        reader = sqlite3.connect(tmp_path / "mlflow.db")
+        try:
+            reader.execute("BEGIN")
+            assert reader.execute("SELECT count(*) FROM metrics").fetchone()[0] == 1  # holds its snapshot
+            tracking.log_metrics({"sft/loss": 0.5}, step=1)
+            assert reader.execute("SELECT count(*) FROM metrics").fetchone()[0] == 1
+        finally:
+            reader.close()
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "sft/loss")] == [1.0, 0.5]
+    with sqlite3.connect(tmp_path / "mlflow.db") as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
