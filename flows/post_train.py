@@ -31,7 +31,7 @@ def wait_until_recorded(task_run_id: UUID | None, timeout_s: float = 2.0) -> Non
     subflow's tracking task run is created by a direct API call that reads, then writes. On
     SQLite, a recorder commit between that read and write fails the call ("database is locked",
     HTTP 503) and the client retries only after 2 s. Starting the subflow once the previous task
-    is on record (a few polls of ~10 ms) avoids that collision in nearly every run.
+    is on record (a few 20 ms polls) avoids that collision in nearly every run.
     """
     from prefect import get_client
     from prefect.exceptions import ObjectNotFound
