@@ -52,6 +52,13 @@ class SyntheticDomain(Section):
         "boxed answer), as in teacher-distilled SFT data that no verifier filtered. SFT learns to slip "
         "at about this rate; RLVR's verifiable reward is what removes it (docs/tuning.md).",
     )
+    direct_answer_rate: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Fraction of SFT traces that give the (right) answer with an empty thinking block, "
+        "like the no-thinking examples in a hybrid model's SFT mix. SFT learns to skip the working at "
+        "about this rate, which is wrong on most multi-step problems; RLVR's reward is what teaches "
+        "the model to work them out (docs/tuning.md).",
+    )
     privileged_fraction: float = Field(
         0.25, ge=0.0, le=1.0,
         description="Fraction of training problems that get one more SFT example whose prompt also shows "

@@ -135,6 +135,19 @@ def test_slipped_traces_box_a_wrong_answer_and_leave_the_others_unchanged(grader
     assert not any(g.correct for g in grades)
 
 
+def test_direct_answer_traces_skip_the_working_and_box_the_right_answer(grader):
+    df = generate_problems(60, 4, seed=3, families=["arithmetic", "word_problem", "modular"], difficulty=(1, 2))
+    df = df[df.split == "train"]
+    clean = make_traces(df, 0.5, seed=3)
+    mixed = make_traces(df, 0.5, seed=3, direct_answer_rate=0.3)
+    direct = mixed.response.str.match(r"<think>\n</think>\n\n")
+    assert 0.15 < direct.mean() < 0.45
+    assert (mixed.response[~direct] == clean.response[~direct]).all()  # their own random stream
+    assert not clean.response.str.match(r"<think>\n</think>").any()
+    grades = grader.grade(list(mixed.response[direct]), list(mixed.answer[direct]))
+    assert all(g.correct for g in grades)
+
+
 # --------------------------------------------------------------------- loaders
 def _write(tmp_path, name, rows):
     path = tmp_path / name

@@ -362,8 +362,15 @@ def slipped(p: SyntheticProblem) -> SyntheticProblem | None:
                             p.intro)
 
 
+def direct_answer(p: SyntheticProblem) -> str:
+    """The answer without the working: an empty thinking block, then the boxed answer (the
+    no-thinking mode of hybrid reasoning models)."""
+    return f"<think>\n</think>\n\n{boxed_line(p.answer)}"
+
+
 def make_traces(problems: pd.DataFrame, redundancy_rate: float, seed: int = 0, traces_per_problem: int = 1,
-                privileged_fraction: float = 0.0, slip_rate: float = 0.0) -> pd.DataFrame:
+                privileged_fraction: float = 0.0, slip_rate: float = 0.0,
+                direct_answer_rate: float = 0.0) -> pd.DataFrame:
     """SFT traces for synthetic problems: ``problem_id, trace_index, problem, context, response, answer``.
 
     ``context`` is None for ordinary examples. For a seeded ``privileged_fraction`` of the
@@ -383,8 +390,10 @@ def make_traces(problems: pd.DataFrame, redundancy_rate: float, seed: int = 0, t
             slip = None
             if slip_rate > 0 and random.Random(f"{seed}:{row['problem_id']}:{k}:slip").random() < slip_rate:
                 slip = slipped(p)
-            out.append({**base, "trace_index": k, "context": None, "slipped": slip is not None,
-                        "response": thinking_trace(slip or p, rng, redundancy_rate)})
+            response = thinking_trace(slip or p, rng, redundancy_rate)
+            if direct_answer_rate > 0 and random.Random(f"{seed}:{row['problem_id']}:{k}:direct").random() < direct_answer_rate:
+                slip, response = None, direct_answer(p)
+            out.append({**base, "trace_index": k, "context": None, "slipped": slip is not None, "response": response})
         if random.Random(f"{seed}:{row['problem_id']}:privileged").random() < privileged_fraction:
             rng = random.Random(f"{seed}:{row['problem_id']}:{traces_per_problem}")
             out.append({**base, "trace_index": traces_per_problem, "context": row["solution"], "slipped": False,
