@@ -387,12 +387,13 @@ def make_traces(problems: pd.DataFrame, redundancy_rate: float, seed: int = 0, t
         base = {"problem_id": row["problem_id"], "problem": row["problem"], "answer": row["answer"]}
         for k in range(traces_per_problem):
             rng = random.Random(f"{seed}:{row['problem_id']}:{k}")
+            # Each choice draws from its own seeded stream, so one rate does not move the other traces.
+            direct = (direct_answer_rate > 0
+                      and random.Random(f"{seed}:{row['problem_id']}:{k}:direct").random() < direct_answer_rate)
             slip = None
-            if slip_rate > 0 and random.Random(f"{seed}:{row['problem_id']}:{k}:slip").random() < slip_rate:
+            if not direct and slip_rate > 0 and random.Random(f"{seed}:{row['problem_id']}:{k}:slip").random() < slip_rate:
                 slip = slipped(p)
-            response = thinking_trace(slip or p, rng, redundancy_rate)
-            if direct_answer_rate > 0 and random.Random(f"{seed}:{row['problem_id']}:{k}:direct").random() < direct_answer_rate:
-                slip, response = None, direct_answer(p)
+            response = direct_answer(p) if direct else thinking_trace(slip or p, rng, redundancy_rate)
             out.append({**base, "trace_index": k, "context": None, "slipped": slip is not None, "response": response})
         if random.Random(f"{seed}:{row['problem_id']}:privileged").random() < privileged_fraction:
             rng = random.Random(f"{seed}:{row['problem_id']}:{traces_per_problem}")
