@@ -188,6 +188,10 @@ class RLVRParams(Section):
         "token_mean", description="token_mean (DAPO), seq_mean (GRPO), const_norm (Dr.GRPO)."
     )
     adv_scaling: Literal["group", "batch", "none"] = Field("group", description="Divide advantages by this std.")
+    negative_weight: float = Field(
+        1.0, ge=0, le=1, description="Factor on negative advantages. 1 = GRPO/DAPO as usual; 0 = reinforce only "
+        "the better-than-average samples of each group (positive sample reinforcement: a RAFT-like update, "
+        "which pushes no probability mass away from sampled tokens and so tolerates a higher lr).")
     kl_coef: float = Field(0.0, ge=0, description="k3 KL to the frozen reference; 0 = off.")
     dynamic_sampling: bool = Field(True, description="Drop groups whose rewards all agree.")
     overlong: Literal["mask", "penalty", "none"] = Field("mask", description="Treatment of truncated responses.")

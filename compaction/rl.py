@@ -43,6 +43,12 @@ def group_advantages(rewards: np.ndarray, scaling: str, batch_std: float | None 
     raise ValueError(f"rlvr.adv_scaling: unknown value {scaling!r} (group, batch, none)")
 
 
+def weight_negative(advantages: np.ndarray, weight: float) -> np.ndarray:
+    """Scale the negative advantages by ``weight`` (1 = unchanged, 0 = positive samples only)."""
+    a = np.asarray(advantages, dtype=float)
+    return np.where(a < 0, a * weight, a)
+
+
 def zero_variance_groups(rewards: np.ndarray) -> np.ndarray:
     """[groups] bool: groups whose rewards all agree (no learning signal; dropped by dynamic sampling)."""
     r = np.asarray(rewards, dtype=float)

@@ -41,7 +41,7 @@ from compaction.metrics import response_length_stats
 from compaction.model import load_model, load_tokenizer
 from compaction.params import Params
 from compaction.rl import (
-    clipped_policy_loss, group_advantages, overlong_penalty, token_weights, zero_variance_groups,
+    clipped_policy_loss, group_advantages, overlong_penalty, token_weights, weight_negative, zero_variance_groups,
 )
 from compaction.rounds import (
     gather_frames, generate_round_rollouts, model_ref_of, round_completed, round_dir, round_problems,
@@ -123,7 +123,7 @@ class RLVRRound:
             t = torch.tensor([r.sum(), (r ** 2).sum(), r.size], dtype=torch.float64, device=acc.device)
             s, s2, cnt = acc.reduce(t, "sum").tolist()
             batch_std = float(np.sqrt(max(s2 / cnt - (s / cnt) ** 2, 0.0)))
-        adv = group_advantages(r, cfg.adv_scaling, batch_std)
+        adv = weight_negative(group_advantages(r, cfg.adv_scaling, batch_std), cfg.negative_weight)
         keep = ~zero_var if cfg.dynamic_sampling else np.ones(len(groups), bool)
         seqs = []  # (ids, response start, advantage, mini-batch)
         for g, a, k in zip(groups, adv, keep):

@@ -1,11 +1,13 @@
 """RLVR math on its own: advantages, dynamic sampling, overlong penalty, loss aggregation, clipping."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from compaction.rl import (
-    clipped_policy_loss, group_advantages, overlong_penalty, token_weights, zero_variance_groups,
+    clipped_policy_loss, group_advantages, overlong_penalty, token_weights, weight_negative, zero_variance_groups,
 )
 
 
@@ -24,6 +26,24 @@ def test_zero_variance_groups_get_zero_advantage_and_are_flagged():
     r = np.array([[1, 1, 1], [0, 0, 0], [0, 1, 0]], dtype=float)
     assert zero_variance_groups(r).tolist() == [True, True, False]
     assert np.all(group_advantages(r, "group")[:2] == 0)
+
+
+def test_weight_negative_scales_only_the_below_average_samples():
+    a = group_advantages(np.array([[1, 0, 0, 1], [1, 0, 0, 0]], dtype=float), "group")
+    np.testing.assert_array_equal(weight_negative(a, 1.0), a)
+    half = weight_negative(a, 0.5)
+    np.testing.assert_allclose(half[a > 0], a[a > 0])
+    np.testing.assert_allclose(half[a < 0], 0.5 * a[a < 0])
+    positive_only = weight_negative(a, 0.0)
+    assert (positive_only >= 0).all() and (positive_only[a > 0] == a[a > 0]).all()
+
+
+def test_negative_weight_is_a_fraction(tmp_path):
+    from compaction.params import load_params
+
+    smoke = Path(__file__).resolve().parents[1] / "params" / "smoke.yaml"
+    with pytest.raises(ValueError, match="rlvr.negative_weight"):
+        load_params(smoke, ["rlvr.negative_weight=1.5"], base=tmp_path)
 
 
 def test_unknown_scaling_is_named():
