@@ -126,6 +126,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "report" and args.study and args.study != "latest":
             overrides = [f"study={args.study}", f"tracking.experiment=compaction-{args.study}", *overrides]
         params = load_params(args.params, overrides)  # fail on bad params before any work
+        if args.command in ("run", "demo"):
+            from flows.direct import start_ephemeral_server
+
+            start_ephemeral_server()  # boots while the flows are imported (flows/direct.py)
         if args.command == "run":
             return _run_flow(args)
         if args.command == "params":

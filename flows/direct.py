@@ -17,6 +17,13 @@ process, are moved out of the cyclic garbage collector's sight (``gc.freeze``). 
 models on the first registration) triggers several. They are handed back at exit (``atexit``), so
 the interpreter's final collection still frees them: extension modules that count their objects
 (Triton's nanobind bindings) would otherwise report them as leaked.
+
+The ephemeral server itself is a subprocess that takes ~8 s on 2 cores to import Prefect's server
+and start; the first Prefect client call starts it and waits. ``compaction run`` and ``compaction
+demo`` call :func:`start_ephemeral_server` as soon as the params are valid, so that it boots on the
+other core while this process imports the flows, torch and MLflow (~8 s); ``direct_run_settings``
+waits for it before the first flow run (a client call during the start would find the server
+marked running but not yet answering).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import atexit
 import contextlib
 import gc
 import importlib
+import threading
 from typing import Iterator
 
 #: Imported on first use by every flow run (the first task call, the first registry call, the
@@ -32,6 +40,36 @@ from typing import Iterator
 FIRST_USE_MODULES = ("prefect.task_engine", "mlflow.store.model_registry.sqlalchemy_store", "git")
 
 _frozen = False
+_server_start: threading.Thread | None = None
+
+
+def start_ephemeral_server() -> None:
+    """Without ``PREFECT_API_URL``: start Prefect's ephemeral server now, in a background thread
+    (once per process); :func:`direct_run_settings` waits for it."""
+    global _server_start
+    from prefect.settings import PREFECT_API_URL
+
+    if _server_start is not None or PREFECT_API_URL.value():
+        return
+    # Imported here, in the calling thread: two threads importing Prefect's modules at once can
+    # trip the import system's deadlock detection.
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the instance Prefect's client uses (one per port; None = any)
+
+    def start() -> None:
+        try:
+            server.start()
+        except Exception:  # noqa: BLE001 (the client's own start retries and reports the error)
+            pass
+
+    _server_start = threading.Thread(target=start, name="prefect-ephemeral-server-start", daemon=True)
+    _server_start.start()
+
+
+def wait_for_ephemeral_server() -> None:
+    if _server_start is not None:
+        _server_start.join()
 
 
 def prepare_process() -> None:
@@ -53,10 +91,11 @@ def prepare_process() -> None:
 @contextlib.contextmanager
 def direct_run_settings() -> Iterator[None]:
     """Prefect settings for a flow run directly in this process: heartbeats off in ephemeral mode;
-    the objects of the process's imports frozen for the garbage collector (once)."""
+    the process prepared (once); an ephemeral server started early, waited for."""
     from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     prepare_process()
+    wait_for_ephemeral_server()
     if PREFECT_API_URL.value():
         yield
         return

@@ -73,6 +73,8 @@ def test_demo_runs_the_post_train_flow_and_prints_the_report_table(tmp_path):
     for model in ("sft", "rlvr", "opsd-all", "opsd-correct", "opsd-incorrect"):
         assert model in r.stdout  # the printed table has a row per model
     assert "make ui" in r.stdout
+    # One ephemeral server, started early by the CLI (flows/direct.py) and used by the flow runs.
+    assert (r.stdout + r.stderr).count("Stopping temporary server") == 1
     # Accuracy in the table is what the eval grades say.
     for row in report["rows"]:
         assert 0.0 <= row["accuracy"] <= 1.0 and row["mean_response_tokens"] > 0
