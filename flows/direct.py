@@ -12,9 +12,9 @@ imported (Prefect's task engine, MLflow's SQLAlchemy model-registry store, GitPy
 run context reads; ~0.7 s together on 2 cores): a fixed cost per process, like the ephemeral
 server's start, which would otherwise land inside the first flow run's stages. Then the objects
 that exist (Prefect, MLflow, pydantic and our modules: ~1 M objects), which live as long as the
-process, are moved out of the cyclic garbage collector's sight (``gc.freeze``). Otherwise every full collection walks them all: ~0.4 s each on
-2 cores, and the growth of a flow (importing transformers in the first job, MLflow's registry
-models on the first registration) triggers several. They are handed back at exit (``atexit``), so
+process, are moved out of the cyclic garbage collector's sight (``gc.freeze``). Otherwise every
+full collection walks them all: ~0.4 s each on 2 cores, and the growth of a flow (importing
+transformers in the first job) triggers several. They are handed back at exit (``atexit``), so
 the interpreter's final collection still frees them: extension modules that count their objects
 (Triton's nanobind bindings) would otherwise report them as leaked.
 
