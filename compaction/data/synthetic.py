@@ -368,6 +368,12 @@ def direct_answer(p: SyntheticProblem) -> str:
     return f"<think>\n</think>\n\n{boxed_line(p.answer)}"
 
 
+def _drawn(key: str, rate: float) -> bool:
+    """A seeded yes/no with probability ``rate``: each choice of a trace draws from its own stream
+    (``key``), so one rate does not move the other traces."""
+    return rate > 0 and random.Random(key).random() < rate
+
+
 def make_traces(problems: pd.DataFrame, redundancy_rate: float, seed: int = 0, traces_per_problem: int = 1,
                 privileged_fraction: float = 0.0, slip_rate: float = 0.0,
                 direct_answer_rate: float = 0.0) -> pd.DataFrame:
@@ -387,15 +393,11 @@ def make_traces(problems: pd.DataFrame, redundancy_rate: float, seed: int = 0, t
         base = {"problem_id": row["problem_id"], "problem": row["problem"], "answer": row["answer"]}
         for k in range(traces_per_problem):
             rng = random.Random(f"{seed}:{row['problem_id']}:{k}")
-            # Each choice draws from its own seeded stream, so one rate does not move the other traces.
-            direct = (direct_answer_rate > 0
-                      and random.Random(f"{seed}:{row['problem_id']}:{k}:direct").random() < direct_answer_rate)
-            slip = None
-            if not direct and slip_rate > 0 and random.Random(f"{seed}:{row['problem_id']}:{k}:slip").random() < slip_rate:
-                slip = slipped(p)
+            direct = _drawn(f"{seed}:{row['problem_id']}:{k}:direct", direct_answer_rate)
+            slip = slipped(p) if not direct and _drawn(f"{seed}:{row['problem_id']}:{k}:slip", slip_rate) else None
             response = direct_answer(p) if direct else thinking_trace(slip or p, rng, redundancy_rate)
             out.append({**base, "trace_index": k, "context": None, "slipped": slip is not None, "response": response})
-        if random.Random(f"{seed}:{row['problem_id']}:privileged").random() < privileged_fraction:
+        if _drawn(f"{seed}:{row['problem_id']}:privileged", privileged_fraction):
             rng = random.Random(f"{seed}:{row['problem_id']}:{traces_per_problem}")
             out.append({**base, "trace_index": traces_per_problem, "context": row["solution"], "slipped": False,
                         "response": thinking_trace(p, rng, 0.0)})
