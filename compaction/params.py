@@ -165,6 +165,10 @@ class SFTParams(Section):
     batch_size: int = Field(32, ge=1, description="Global batch in sequences per optimizer step.")
     micro_batch_size: int = Field(32, ge=1, description="Sequences per forward pass; accumulation = batch/micro.")
     max_seq_len: int = Field(512, ge=16)
+    length_grouping: int = Field(
+        16, ge=0, description="Sort the traces by length within runs of this many global batches and shuffle the "
+        "batches of each run: a batch then pads to nearly its own length (~20% fewer tokens per step on the "
+        "demo). 0 or 1 = plain random batches.")
     grad_clip: float = Field(1.0, gt=0)
     save_every: int = Field(100, ge=1, description="Checkpoint every N optimizer steps (and at the end).")
     seed: int = Field(0)

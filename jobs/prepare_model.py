@@ -4,7 +4,8 @@
 
 For a real model this is just ``model.name_or_path`` (a hub id or a local checkpoint).
 For the embedded default it trains the tokenizer on the training split's text (problems,
-reference solutions, traces) and saves a random-initialised tiny Qwen3 under
+reference solutions, traces) and the prompts' fixed text, and saves a random-initialised tiny
+Qwen3 under
 ``artifacts/base_model/<hash of data + model params>/``.
 """
 
@@ -15,6 +16,7 @@ from typing import Sequence
 from compaction.artifacts import read_parquet
 from compaction.logs import get_logger
 from compaction.model import build_embedded_model
+from compaction.model.prompts import prompt_boilerplate
 from compaction.params import Params
 from jobs.common import params_from, parse, parser, stage_dir
 
@@ -24,7 +26,7 @@ def run(params: Params, problems_path: str, traces_path: str | None) -> str:
         return params.model.name_or_path
     problems = read_parquet(problems_path)
     train = problems[problems["split"] == "train"]
-    texts = list(train["problem"]) + [s for s in train["solution"] if isinstance(s, str)]
+    texts = prompt_boilerplate() + list(train["problem"]) + [s for s in train["solution"] if isinstance(s, str)]
     if traces_path:
         texts += list(read_parquet(traces_path, required=["response"])["response"])
     out = stage_dir(params, "base_model", params.section_hash("data", "model"))

@@ -8,8 +8,9 @@ sequences, split across processes and then into micro-batches (gradient accumula
 loss is the summed token NLL divided by the global count of response tokens, so one process
 and N processes follow the same curve. Cosine schedule with warmup. Checkpoints every
 `sft.save_every` steps and at the end; a restarted job resumes from the latest one at the
-same data position (the order is a pure function of seed and epoch). The finished model is
-`<out>/final/` (HF `save_pretrained`).
+same data position (the order is a pure function of seed, epoch and the traces' lengths).
+Batches are length-grouped (`sft.length_grouping`), so little of a step is padding. The
+finished model is `<out>/final/` (HF `save_pretrained`).
 """
 
 from __future__ import annotations
@@ -56,18 +57,39 @@ def build_examples(tokenizer, traces, max_seq_len: int, enable_thinking: bool) -
     return examples
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+def epoch_order(n: int, seed: int, epoch: int, lengths: Sequence[int] = (), batch_size: int = 1,
+                window: int = 0) -> list[int]:
+    """Example indices of one epoch, shuffled by (seed, epoch).
+
+    With ``lengths`` and ``window`` > 1 the order is length-grouped: each run of ``window``
+    global batches is sorted by length, cut into batches, and the batches shuffled, so a batch
+    pads to nearly its own length (fewer wasted tokens) while its position in the epoch stays
+    random. The first ``(-epoch * n) % batch_size`` indices complete the batch that straddles
+    the previous epoch, so later epochs' batches stay aligned with the sorted runs.
+    """
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
+    order = torch.randperm(n, generator=g).tolist()
+    if not lengths or window <= 1 or n <= batch_size:
+        return order
+    lead = (-epoch * n) % batch_size
+    out = order[:lead]
+    for start in range(lead, n, window * batch_size):
+        run = sorted(order[start: start + window * batch_size], key=lengths.__getitem__)
+        batches = [run[i: i + batch_size] for i in range(0, len(run), batch_size)]
+        # A short last batch (the epoch's end) stays last, or it would shift every later cut.
+        full = len(batches) - (len(batches[-1]) < batch_size)
+        out += [i for k in torch.randperm(full, generator=g).tolist() for i in batches[k]] + run[full * batch_size:]
+    return out
 
 
-def global_batch(n: int, seed: int, step: int, batch_size: int) -> list[int]:
+def global_batch(n: int, seed: int, step: int, batch_size: int, lengths: Sequence[int] = (),
+                 window: int = 0) -> list[int]:
     """Example indices of optimizer step ``step``: a pure function, so resume needs only the step."""
     out, pos = [], step * batch_size
     while len(out) < batch_size:
         epoch, offset = divmod(pos, n)
         take = min(batch_size - len(out), n - offset)
-        out += epoch_order(n, seed, epoch)[offset: offset + take]
+        out += epoch_order(n, seed, epoch, lengths, batch_size, window)[offset: offset + take]
         pos += take
     return out
 
@@ -88,6 +110,7 @@ class SFTRecipe:
         self.examples = build_examples(self.tokenizer, traces, cfg.max_seq_len, self.p.model.enable_thinking)
         if not self.examples:
             raise ValueError(f"{self.traces_path}: no usable traces (empty, or all longer than sft.max_seq_len)")
+        self.lengths = [len(ids) for ids, _ in self.examples]
         steps_per_epoch = math.ceil(len(self.examples) / cfg.batch_size)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
         model = load_model(self.base_ref, dtype="float32", device=self.acc.device,
@@ -112,8 +135,8 @@ class SFTRecipe:
     # ------------------------------------------------------------------ train
     def train_step(self) -> dict[str, float]:
         acc, cfg = self.acc, self.cfg
-        batch = shard(global_batch(len(self.examples), cfg.seed, self.step, cfg.batch_size),
-                      acc.process_index, acc.num_processes)
+        batch = shard(global_batch(len(self.examples), cfg.seed, self.step, cfg.batch_size, self.lengths,
+                                   cfg.length_grouping), acc.process_index, acc.num_processes)
         local_tokens = sum(len(self.examples[i][0]) - self.examples[i][1] for i in batch)
         global_tokens = acc.reduce(torch.tensor(float(local_tokens), device=acc.device), "sum").item()
         # DDP averages gradients over processes; scale so the result is sum(NLL) / global tokens.

@@ -58,3 +58,25 @@ def test_base_model_is_deterministic_given_seed(smoke_params, smoke_data, tmp_pa
 
 def test_problems_file_has_both_splits(smoke_data):
     assert set(load_problems(smoke_data["problems"]).split) == {"train", "eval"}
+
+
+def test_prompt_boilerplate_is_words_where_the_vocabulary_has_room(smoke_data):
+    """The instruction and role names are a few tokens, not one per letter (the demo's vocabulary
+    has room; it spent ~30 of a ~140-token demo training sequence on them before)."""
+    import pandas as pd
+
+    from compaction.model import train_tokenizer
+    from compaction.model.prompts import ANSWER_INSTRUCTION, prompt_boilerplate
+
+    problems = load_problems(smoke_data["problems"])
+    texts = list(problems.problem) + list(pd.read_parquet(smoke_data["traces"]).response)
+    for corpus, most in ((texts, None), (prompt_boilerplate() + texts, 16)):
+        tok = train_tokenizer(corpus, 1024)
+        n = len(tok(ANSWER_INSTRUCTION, add_special_tokens=False)["input_ids"])
+        if most is None:
+            assert n > 25  # without the boilerplate in its corpus, spelled out nearly letter by letter
+        else:
+            assert n <= most
+            prompt = build_prompt(tok, build_student_messages("Compute 1 + 2."))
+            assert tok.convert_ids_to_tokens(tok(prompt, add_special_tokens=False)["input_ids"])[:2] == [
+                "<|im_start|>", "user"]
