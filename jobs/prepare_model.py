@@ -21,16 +21,22 @@ from compaction.params import Params
 from jobs.common import params_from, parse, parser, stage_dir
 
 
-def run(params: Params, problems_path: str, traces_path: str | None) -> str:
-    if params.model.name_or_path != "embedded":
-        return params.model.name_or_path
+def tokenizer_corpus(problems_path: str, traces_path: str | None) -> list[str]:
+    """The embedded tokenizer's training text: the prompts' fixed text first, then the training
+    split's problems, reference solutions and traces."""
     problems = read_parquet(problems_path)
     train = problems[problems["split"] == "train"]
     texts = prompt_boilerplate() + list(train["problem"]) + [s for s in train["solution"] if isinstance(s, str)]
     if traces_path:
         texts += list(read_parquet(traces_path, required=["response"])["response"])
+    return texts
+
+
+def run(params: Params, problems_path: str, traces_path: str | None) -> str:
+    if params.model.name_or_path != "embedded":
+        return params.model.name_or_path
     out = stage_dir(params, "base_model", params.section_hash("data", "model"))
-    build_embedded_model(out, texts, params.model.tiny)
+    build_embedded_model(out, tokenizer_corpus(problems_path, traces_path), params.model.tiny)
     get_logger().info("prepare_model: embedded Qwen3 (%s) -> %s", params.model.tiny.model_dump(), out)
     return str(out)
 
