@@ -5,8 +5,7 @@
 For a real model this is just ``model.name_or_path`` (a hub id or a local checkpoint).
 For the embedded default it trains the tokenizer on the training split's text (problems,
 reference solutions, traces) and the prompts' fixed text, and saves a random-initialised tiny
-Qwen3 under
-``artifacts/base_model/<hash of data + model params>/``.
+Qwen3 under ``artifacts/base_model/<hash of data + model params>/``.
 """
 
 from __future__ import annotations
