@@ -62,7 +62,7 @@ def test_problems_file_has_both_splits(smoke_data):
 
 def test_prompt_boilerplate_is_words_where_the_vocabulary_has_room(smoke_data):
     """The instruction and role names are a few tokens, not one per letter (the demo's vocabulary
-    has room; it spent ~30 of a ~140-token demo training sequence on them before)."""
+    has room; with the role names they took ~44 of a ~148-token demo training sequence before)."""
     import pandas as pd
 
     from compaction.model import train_tokenizer

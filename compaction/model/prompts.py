@@ -16,7 +16,7 @@ ANSWER_CONTEXT = "Reference answer: {answer}"
 def prompt_boilerplate() -> list[str]:
     """The fixed text of every prompt built here: role names, the answer instruction, the teacher's
     context headers. The embedded tokenizer trains on it once, so where its vocabulary has room a
-    prompt's boilerplate is a few words, not ~35 single letters (a real tokenizer has these words);
+    prompt's boilerplate is ~15 words, not ~35 letters and fragments (a real tokenizer has these words);
     seen only once, it takes no merges from the domain's text when the vocabulary is small."""
     return ["user\n" + ANSWER_INSTRUCTION, "assistant\n",
             SOLUTION_CONTEXT.format(solution=""), ANSWER_CONTEXT.format(answer="")]
