@@ -5,7 +5,7 @@
 Four variants of the same SFT job (jobs/sft.py, demo params) on the same traces:
 
 - `plain`: a tokenizer trained without the prompts' fixed text (the instruction and role names
-  are spelled letter by letter), random batches (`sft.length_grouping=0`). The baseline.
+  are spelled in letters and fragments), random batches (`sft.length_grouping=0`). The baseline.
 - `grouped`: the same tokenizer, length-grouped batches (`sft.length_grouping=16`).
 - `boilerplate`: the tokenizer trained with `prompt_boilerplate()`, random batches.
 - `both`: both changes: what `prepare_model` and `sft` do now.
@@ -54,7 +54,8 @@ def run_variant(args) -> dict:
     cfg = recipe.cfg
     padded, times = [], []
     for k in range(args.warmup + args.steps):
-        batch = global_batch(len(recipe.examples), cfg.seed, recipe.step, cfg.batch_size, recipe.lengths, window)
+        batch = global_batch(len(recipe.examples), cfg.seed, recipe.step, cfg.batch_size, recipe.lengths,
+                             cfg.length_grouping)
         start = time.perf_counter()
         recipe.train_step()
         recipe.step += 1
