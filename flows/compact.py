@@ -17,7 +17,7 @@ from compaction.selection import CONDITIONS
 from tasks.base import flow_run, load_flow_params
 from tasks.data import prepare_data
 from tasks.evaluate import evaluate, record_evaluation
-from tasks.opsd import opsd_round
+from tasks.opsd import opsd_rounds
 from tasks.registry import promote_compacted, register_compacted, resolve_checkpoint
 from tasks.report import report
 
@@ -47,10 +47,7 @@ def compaction(params: str = "params/demo.yaml", overrides: list[str] = [],  # n
                                      policy_ref, parent)
         evaluations, registered = {"baseline": baseline}, []
         for condition in (c for c in chosen if c != "baseline"):
-            prev, last = ckpt["path"], None
-            for k in range(p.opsd.rounds):
-                last = opsd_round(p, ckpt["path"], prev, problems, condition, k, parent)
-                prev = last["round_dir"]
+            last = opsd_rounds(p, ckpt["path"], problems, condition, parent)
             model = last["checkpoint"] if last else ckpt["path"]
             evaluations[condition] = record_evaluation(p, evaluate(p, model, problems), f"opsd-{condition}",
                                                        condition, model, parent)

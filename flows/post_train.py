@@ -20,7 +20,7 @@ from tasks.base import flow_run, load_flow_params
 from tasks.data import prepare_data, prepare_model
 from tasks.evaluate import evaluate, record_evaluation
 from tasks.registry import announce_checkpoint, register_rlvr
-from tasks.rlvr import rlvr_round
+from tasks.rlvr import rlvr_rounds
 from tasks.sft import sft
 
 
@@ -63,10 +63,7 @@ def post_train(params: str = "params/demo.yaml", overrides: list[str] = [],  # n
         sft_ckpt = sft(p, base, data["traces"], parent)["checkpoint"]
         record_evaluation(p, evaluate(p, sft_ckpt, data["problems"]), "sft", None, sft_ckpt, parent)
 
-        prev, last = sft_ckpt, None
-        for k in range(p.rlvr.rounds):
-            last = rlvr_round(p, sft_ckpt, prev, data["problems"], k, parent)
-            prev = last["round_dir"]
+        last = rlvr_rounds(p, sft_ckpt, data["problems"], parent)
         rlvr_ckpt = last["checkpoint"] if last else sft_ckpt
         registered = register_rlvr(p, rlvr_ckpt, last["run_id"] if last else None, sft_ckpt, parent)
         # Evaluate the registered copy: the path compaction resolves models:/rlvr/N to, so its

@@ -44,6 +44,7 @@ from prefect.utilities.hashing import hash_objects
 from compaction.artifacts import atomic_path
 from compaction.grading import Grader, shared_grader
 from compaction.params import Params, dump_params, load_params
+from compaction.rounds import round_dir
 
 RESULTS_DIR = "prefect-results"
 PARAMS_DIR = "params"
@@ -132,9 +133,13 @@ class StagePolicy(CachePolicy):
     valid: Callable[[dict[str, Any]], bool] | None = None
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
+        return self.key_of(task_ctx.task.fn, inputs)
+
+    def key_of(self, fn: Callable[..., Any], inputs: dict[str, Any]) -> str:
+        """The cache key of task function ``fn`` called with ``inputs`` (the one Prefect computes)."""
         params: Params = inputs["params"]
         refs = {k: v for k, v in inputs.items() if k != "params" and k not in self.ignore}
-        source = [inspect.getsource(task_ctx.task.fn)]
+        source = [inspect.getsource(fn)]
         if self.job:
             source.append(_module_source_hash(self.job))
         return hash_objects(refs, section_payload(params, self.sections, self.exclude), source, raise_on_failure=True)
@@ -151,6 +156,43 @@ def call(task_obj, params: Params, **inputs: Any):
     policy = task_obj.cache_policy
     valid = policy.valid({"params": params, **inputs}) if getattr(policy, "valid", None) else True
     return task_obj.with_options(result_storage=results_dir(params), refresh_cache=not valid)(params=params, **inputs)
+
+
+def is_cached(task_obj, params: Params, **inputs: Any) -> bool:
+    """Whether :func:`call` with these inputs would be a cache hit: the task's cache record is in
+    the result storage and its output is still on disk."""
+    from prefect.filesystems import LocalFileSystem
+    from prefect.results import ResultStore
+
+    policy: StagePolicy = task_obj.cache_policy
+    inputs = {"params": params, **inputs}
+    if policy.valid and not policy.valid(inputs):
+        return False
+    store = ResultStore(result_storage=LocalFileSystem(basepath=str(results_dir(params))))
+    return store.exists(policy.key_of(task_obj.fn, inputs))
+
+
+def call_rounds(task_obj, params: Params, rounds: int, out: Path, first_prev: str, **inputs: Any) -> dict | None:
+    """Rounds ``0 .. rounds-1`` of a round stage (``round_`` k starts from ``prev``: ``first_prev``
+    for round 0, else round k-1's folder in ``out``); returns the last round's result (None: no rounds).
+
+    The loop starts at the last round that is a cache hit, so a rerun does not walk every completed
+    round as a cached task run (~0.1 s each): a finished stage shows one cached round, a resumed one
+    its last completed round (from the cache), then the rounds that run. A round's key chains on
+    the previous round's folder, so a record of round k means rounds 0..k were done with this code
+    and these params.
+    """
+    def round_inputs(k: int) -> dict[str, Any]:
+        return {**inputs, "prev": first_prev if k == 0 else str(round_dir(out, k - 1)), "round_": k}
+
+    start = next((k for k in range(rounds - 1, 0, -1) if is_cached(task_obj, params, **round_inputs(k))), 0)
+    if start:
+        get_run_logger().info("%s: rounds 0-%d of %d already done; round %d from the cache, not the rounds before it",
+                              task_obj.name, start, rounds, start)
+    last = None
+    for k in range(start, rounds):
+        last = call(task_obj, params, **round_inputs(k))
+    return last
 
 
 # ----------------------------------------------------------------------------- job timing

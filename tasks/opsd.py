@@ -13,7 +13,7 @@ from typing import Any
 
 from compaction.params import Params
 from compaction.rounds import round_completed, round_dir
-from tasks.base import StagePolicy, call, grader_for, launch, stage_key, stage_run, stage_task
+from tasks.base import StagePolicy, call_rounds, grader_for, launch, stage_key, stage_run, stage_task
 
 SECTIONS = ("opsd", "model", "rollout.batch_size", "rollout.hf_decoder", "grading", "eval.epistemic_markers")
 EXCLUDE = {"opsd": ("rounds", "conditions")}
@@ -55,8 +55,9 @@ def opsd_round_task(params: Params, policy: str, prev: str, problems: str, condi
             "seconds": seconds, "run_id": run_id}
 
 
-def opsd_round(params: Params, policy: str, prev: str, problems: str, condition: str, round_: int,
-               parent_run_id: str | None = None) -> dict:
-    """Round ``round_`` of OPSD under ``condition`` from ``policy``: ``{"round_dir", "checkpoint"}``."""
-    return call(opsd_round_task, params, policy=policy, prev=prev, problems=problems, condition=condition,
-                round_=round_, parent_run_id=parent_run_id)
+def opsd_rounds(params: Params, policy: str, problems: str, condition: str,
+                parent_run_id: str | None = None) -> dict | None:
+    """The ``opsd.rounds`` rounds of OPSD under ``condition`` from ``policy``: the last one's
+    ``{"round_dir", "checkpoint", "run_id"}`` (None for 0 rounds)."""
+    return call_rounds(opsd_round_task, params, params.opsd.rounds, opsd_dir(params, policy, problems, condition),
+                       policy, policy=policy, problems=problems, condition=condition, parent_run_id=parent_run_id)

@@ -13,7 +13,7 @@ from typing import Any
 
 from compaction.params import Params
 from compaction.rounds import round_completed, round_dir
-from tasks.base import StagePolicy, call, grader_for, launch, stage_key, stage_run, stage_task
+from tasks.base import StagePolicy, call_rounds, grader_for, launch, stage_key, stage_run, stage_task
 
 SECTIONS = ("rlvr", "model", "rollout.batch_size", "rollout.hf_decoder", "grading")
 EXCLUDE = {"rlvr": ("rounds",)}
@@ -48,9 +48,8 @@ def rlvr_round_task(params: Params, policy: str, prev: str, problems: str, round
             "run_id": run_id}
 
 
-def rlvr_round(params: Params, policy: str, prev: str, problems: str, round_: int,
-               parent_run_id: str | None = None) -> dict:
-    """Round ``round_`` of RLVR from ``policy`` (``prev``: the policy for round 0, else the previous
-    round's folder): ``{"round_dir", "checkpoint": <round>/model}``."""
-    return call(rlvr_round_task, params, policy=policy, prev=prev, problems=problems, round_=round_,
-                parent_run_id=parent_run_id)
+def rlvr_rounds(params: Params, policy: str, problems: str, parent_run_id: str | None = None) -> dict | None:
+    """The ``rlvr.rounds`` rounds of RLVR from ``policy``, each from the previous round's folder:
+    the last one's ``{"round_dir", "checkpoint": <round>/model, "run_id"}`` (None for 0 rounds)."""
+    return call_rounds(rlvr_round_task, params, params.rlvr.rounds, rlvr_dir(params, policy, problems), policy,
+                       policy=policy, problems=problems, parent_run_id=parent_run_id)

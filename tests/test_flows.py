@@ -137,6 +137,9 @@ def test_second_run_with_the_same_inputs_executes_no_job(project):
     assert jobs == ["report"]  # never cached: it reads what this flow run recorded
     assert states and all(state == "Cached" for _, state in states), states
     assert {n.split("-")[0] for n, _ in states} == set(STAGE_TASKS)
+    # A finished round loop shows its last round only (from the cache), not each completed round.
+    assert sorted(n for n, _ in states if "_round" in n) == [
+        "opsd_round-all-1", "opsd_round-correct-1", "opsd_round-incorrect-1", "rlvr_round-1"]
     # Registration is idempotent: the same folders are the same versions.
     assert result["rlvr"]["uri"] == "models:/rlvr/1"
     assert sorted(r["version"] for r in result["compaction"]["registered"]) == ["1", "2", "3"]
@@ -184,8 +187,8 @@ def test_bad_checkpoint_and_conditions_fail_before_any_job(project):
 
 # ------------------------------------------------------------------------------ resume
 def test_post_train_resumes_after_sigkill_during_rlvr(project, prefect_server):
-    """Killed during RLVR round 1, rerun: data/model/SFT and round 0 from the cache, round 1 rerun
-    from round 0's folder, nothing half-written used."""
+    """Killed during RLVR round 2, rerun: data/model/SFT and round 1 (the last completed round)
+    from the cache, round 2 rerun from round 1's folder, nothing half-written used."""
     root = project["root"]
     sets = ["rlvr.seed=1", "rlvr.rounds=3"]  # a new RLVR (new folder), the same data and SFT
     cmd = [sys.executable, "-m", "compaction.cli", "run", "post-train", "--params", SMOKE, "--condition", "correct",
@@ -200,8 +203,8 @@ def test_post_train_resumes_after_sigkill_during_rlvr(project, prefect_server):
     def watch():
         for line in proc.stdout:
             seen.append(line)
-            # Round 1 is generating: round 0's task has finished and its cache record is written.
-            if "rlvr round 1 rollouts" in line:
+            # Round 2 is generating: round 1's task has finished and its cache record is written.
+            if "rlvr round 2 rollouts" in line:
                 started.set()
 
     threading.Thread(target=watch, daemon=True).start()
@@ -209,24 +212,25 @@ def test_post_train_resumes_after_sigkill_during_rlvr(project, prefect_server):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(30)
     (rlvr_dir,) = set((root / "artifacts" / "rlvr").iterdir()) - before
-    assert (rlvr_dir / "round-0000" / "metrics.json").is_file()
-    assert not (rlvr_dir / "round-0001").exists(), "round 1 finished before the kill: the test saw nothing"
+    assert (rlvr_dir / "round-0001" / "metrics.json").is_file()
+    assert not (rlvr_dir / "round-0002").exists(), "round 2 finished before the kill: the test saw nothing"
 
     from flows.post_train import post_train
 
     result, tree, jobs = run_flow(post_train, params=SMOKE, overrides=sets, conditions=["correct"])
     states = dict(stage_states(tree))
     assert [s for n, s in states.items() if n.startswith(("sft", "prepare_model"))] == ["Cached", "Cached"]
-    assert states["rlvr_round-0"] == "Cached"
-    assert states["rlvr_round-1"] == "Completed" and states["rlvr_round-2"] == "Completed"
-    assert jobs.count("rlvr") == 2 and "sft" not in jobs
+    # The loop starts at the last completed round (a cache hit); the rounds before it are not walked.
+    assert {n: s for n, s in states.items() if n.startswith("rlvr_round")} == {
+        "rlvr_round-1": "Cached", "rlvr_round-2": "Completed"}
+    assert jobs.count("rlvr") == 1 and "sft" not in jobs
     for k in range(3):
         assert (rlvr_dir / f"round-{k:04d}" / "metrics.json").is_file()
-    # Round 1 started from round 0's complete folder (its rollouts name that policy).
+    # Round 2 started from round 1's complete folder (its rollouts name that policy).
     import pandas as pd
 
-    policy = pd.read_parquet(rlvr_dir / "round-0001" / "rollouts.parquet")["policy_ref"].unique()
-    assert list(policy) == [str(rlvr_dir / "round-0000")]
+    policy = pd.read_parquet(rlvr_dir / "round-0002" / "rollouts.parquet")["policy_ref"].unique()
+    assert list(policy) == [str(rlvr_dir / "round-0001")]
     assert result["rlvr"]["uri"] == "models:/rlvr/2"
 
 
