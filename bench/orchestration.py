@@ -14,8 +14,8 @@
 2. A fully cached rerun, as a user runs it: a new process ``compaction run post-train`` (imports,
    ephemeral server, every stage a cache hit). Target <= 30 s.
 
-``--set rlvr.rounds=40 --set opsd.rounds=80`` gives the task count of params/demo.yaml (40 RLVR
-rounds, 3 x 80 OPSD rounds) at smoke sizes, for the cached rerun of a demo-shaped flow.
+``--set rlvr.rounds=48 --set opsd.rounds=30`` gives the round count of params/demo.yaml (48 RLVR
+rounds, 3 x 30 OPSD rounds) at smoke sizes, for the cached rerun of a demo-shaped flow.
 """
 
 from __future__ import annotations

@@ -28,9 +28,9 @@ from compaction.params import TrackingParams, flatten
 MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value (characters)
 BATCH = 100  # MLflow accepts at most 100 params per log_batch call
 
-#: The run that :func:`attach_run` attached to: :func:`log_metrics` writes there, before MLflow's
-#: active run (which, inside a flow, is the flow's parent run).
-_attached_run: contextvars.ContextVar[str | None] = contextvars.ContextVar("compaction_attached_run", default=None)
+#: The run that :func:`start_run` or :func:`attach_run` made current: :func:`log_params` and
+#: :func:`log_metrics` write there, before MLflow's active run (a job in an accelerate process).
+_current_run: contextvars.ContextVar[str | None] = contextvars.ContextVar("compaction_current_run", default=None)
 #: Experiment ids by (tracking URI, name): an experiment is never renamed, and looking it up costs
 #: a query per stage run.
 _experiment_ids: dict[tuple[str, str], str] = {}
@@ -113,53 +113,74 @@ def ensure_experiment(tracking: TrackingParams, name: str | None = None) -> str:
         return exp.experiment_id
 
 
+def current_run_id() -> str | None:
+    """The run that :func:`start_run` / :func:`attach_run` made current in this context (None: none)."""
+    return _current_run.get()
+
+
 @contextlib.contextmanager
 def start_run(
     tracking: TrackingParams, run_name: str, nested: bool = False, tags: Mapping[str, str] | None = None,
     experiment: str | None = None, parent_run_id: str | None = None,
 ) -> Iterator[Any]:
-    """Start an MLflow run in the study's experiment; nested under the active (or given) parent."""
+    """Create a run in the study's experiment, nested under ``parent_run_id`` (or, with ``nested``,
+    under the current run), and make it current: :func:`log_params` and :func:`log_metrics` write
+    there. Yields MLflow's ``Run``; at the end the run is marked FINISHED (FAILED on an exception).
+
+    Not ``mlflow.start_run``: that reads the parent run back (its params, tags and metrics) to check
+    it, ~17 ms a run on SQLite, and a flow starts one run per stage and evaluation. The tags are
+    MLflow's own (``context_registry.resolve_tags``: user, source, git commit) plus ours.
+    """
     import mlflow
+    from mlflow.tracking.context import registry as context_registry
 
     exp_id = ensure_experiment(tracking, experiment)
+    parent = parent_run_id or (current_run_id() if nested else None)
     all_tags = dict(tags or {})
-    if parent_run_id:
-        all_tags["mlflow.parentRunId"] = parent_run_id
-    with mlflow.start_run(
-        experiment_id=exp_id, run_name=run_name, nested=nested or parent_run_id is not None, tags=all_tags,
-        log_system_metrics=tracking.system_metrics,
-    ) as run:
+    all_tags["mlflow.runName"] = run_name
+    if parent:
+        all_tags["mlflow.parentRunId"] = parent
+    run = mlflow.MlflowClient().create_run(exp_id, tags=context_registry.resolve_tags(all_tags), run_name=run_name)
+    with _current(tracking, run.info.run_id, resume=False):
         yield run
 
 
 @contextlib.contextmanager
 def attach_run(tracking: TrackingParams, run_id: str) -> Iterator[str]:
-    """Log into the existing run ``run_id`` for the duration (:func:`log_metrics` writes there)
-    without reopening it as MLflow's active run: ``mlflow.start_run(run_id=...)`` reads the whole
-    run and writes its status twice, ~40 ms for each round of a stage. At the end the run is
-    marked finished (or failed) again, so its end time is the last round's; system metrics, when
-    ``tracking.system_metrics`` is on, continue where the run's last round left them."""
+    """Make the existing run ``run_id`` current again for the duration (a later round of a stage):
+    ``mlflow.start_run(run_id=...)`` reads the whole run and writes its status twice, ~40 ms for
+    each round. It is marked RUNNING, and at the end finished (or failed) again, so its end time is
+    the last round's; system metrics, when ``tracking.system_metrics`` is on, continue where the
+    run's last round left them."""
     import mlflow
 
     configure(tracking)
-    client = mlflow.MlflowClient()
-    client.update_run(run_id, status="RUNNING")  # what the UI shows while the round runs
+    mlflow.MlflowClient().update_run(run_id, status="RUNNING")  # what the UI shows while the round runs
+    with _current(tracking, run_id, resume=True):
+        yield run_id
+
+
+@contextlib.contextmanager
+def _current(tracking: TrackingParams, run_id: str, resume: bool) -> Iterator[None]:
+    """``run_id`` as the current run, with system metrics when asked; terminated at the end."""
+    import mlflow
+
     monitor = None
     if tracking.system_metrics:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        monitor = SystemMetricsMonitor(run_id, resume_logging=True)
+        monitor = SystemMetricsMonitor(run_id, resume_logging=resume)
         monitor.start()
-    token = _attached_run.set(run_id)
+    token = _current_run.set(run_id)
     status = "FAILED"
     try:
-        yield run_id
+        yield
         status = "FINISHED"
     finally:
-        _attached_run.reset(token)
+        _current_run.reset(token)
         if monitor is not None:
             monitor.finish()
-        client.set_terminated(run_id, status=status)
+        mlflow.MlflowClient().set_terminated(run_id, status=status)
 
 
 def log_params(params: Mapping[str, Any], prefix: str = "") -> None:
@@ -170,7 +191,7 @@ def log_params(params: Mapping[str, Any], prefix: str = "") -> None:
     flat = flatten(dict(params), prefix)
     items = [Param(k, str(v)[:MAX_PARAM_VALUE]) for k, v in flat.items()]
     client = mlflow.MlflowClient()
-    run_id = mlflow.active_run().info.run_id
+    run_id = current_run_id() or mlflow.active_run().info.run_id
     for i in range(0, len(items), BATCH):
         client.log_batch(run_id, params=items[i: i + BATCH])
 
@@ -190,14 +211,14 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
              if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
     if not clean:
         return
-    attached = _attached_run.get()
-    if attached is None:
+    run_id = current_run_id()
+    if run_id is None:
         mlflow.log_metrics(clean, step=step)
         return
     from mlflow.entities import Metric
 
     now_ms = int(time.time() * 1000)
-    mlflow.MlflowClient().log_batch(attached, metrics=[Metric(k, v, now_ms, step or 0) for k, v in clean.items()])
+    mlflow.MlflowClient().log_batch(run_id, metrics=[Metric(k, v, now_ms, step or 0) for k, v in clean.items()])
 
 
 def log_metrics_if_active(metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -206,11 +227,11 @@ def log_metrics_if_active(metrics: Mapping[str, float], step: int | None = None)
     try:
         import mlflow
 
-        if mlflow.active_run() is None and os.environ.get("MLFLOW_RUN_ID"):
+        if current_run_id() is None and mlflow.active_run() is None and os.environ.get("MLFLOW_RUN_ID"):
             # A job launched by a task in a subprocess (accelerate): the task put its stage run's
             # id in MLFLOW_RUN_ID (with MLFLOW_TRACKING_URI); attach to it once.
             mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"])
-        if _attached_run.get() is not None or mlflow.active_run() is not None:
+        if current_run_id() is not None or mlflow.active_run() is not None:
             log_metrics(metrics, step=step)
     except Exception:
         pass

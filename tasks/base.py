@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import CachePolicy
+from prefect.utilities.annotations import quote
 from prefect.utilities.hashing import hash_objects
 
 from compaction.artifacts import atomic_path
@@ -110,9 +111,15 @@ def results_dir(params: Params) -> Path:
 # ----------------------------------------------------------------------------- cache
 @functools.lru_cache(maxsize=None)
 def _module_source_hash(module: str) -> str:
-    import importlib
+    """sha256 of a module's source, as ``inspect.getsource(module)`` reads it, without importing
+    the module: keying a cached stage must not import its job (torch, transformers, accelerate)."""
+    import importlib.util
+    import linecache
 
-    return hashlib.sha256(inspect.getsource(importlib.import_module(module)).encode()).hexdigest()
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin:
+        raise ModuleNotFoundError(f"no source for job module {module!r}")
+    return hashlib.sha256("".join(linecache.getlines(spec.origin)).encode()).hexdigest()
 
 
 @dataclass
@@ -155,7 +162,9 @@ def call(task_obj, params: Params, **inputs: Any):
     cache record whose output is no longer on disk is not used (the task runs and rewrites it)."""
     policy = task_obj.cache_policy
     valid = policy.valid({"params": params, **inputs}) if getattr(policy, "valid", None) else True
-    return task_obj.with_options(result_storage=results_dir(params), refresh_cache=not valid)(params=params, **inputs)
+    # quote: Prefect would otherwise walk the whole Params model looking for futures, at every call.
+    return task_obj.with_options(result_storage=results_dir(params), refresh_cache=not valid)(params=quote(params),
+                                                                                              **inputs)
 
 
 def is_cached(task_obj, params: Params, **inputs: Any) -> bool:
@@ -313,7 +322,6 @@ def git_commit() -> str:
 def flow_run(params: Params, flow_name: str) -> Iterator[str]:
     """The flow run's parent MLflow run (nested under the calling flow's run for a subflow);
     yields its id."""
-    import mlflow
     from prefect.context import FlowRunContext
 
     from compaction import tracking
@@ -323,7 +331,7 @@ def flow_run(params: Params, flow_name: str) -> Iterator[str]:
     tags = {"study": params.study, "flow": flow_name, "prefect_flow_run_id": str(fr.id) if fr else "",
             "git_commit": git_commit()}
     name = f"{flow_name}-{fr.name}" if fr else flow_name
-    with tracking.start_run(params.tracking, name, nested=mlflow.active_run() is not None, tags=tags) as run:
+    with tracking.start_run(params.tracking, name, nested=tracking.current_run_id() is not None, tags=tags) as run:
         tracking.log_params(params.model_dump(mode="json"))
         yield run.info.run_id
 
