@@ -4,8 +4,9 @@
     -> rlvr rounds -> register models:/rlvr/N (alias latest) -> evaluate (rlvr)
     -> emit rlvr.checkpoint.landed -> compaction(checkpoint=models:/rlvr/N) as a subflow
 
-Every stage is a cached task: a rerun after a crash takes completed stages and RLVR rounds from
-the cache and continues at the first missing one.
+Every stage is a cached task: a rerun after a crash takes completed stages from the cache, and
+the RLVR loop starts at its last completed round (a cache hit) and continues with the first
+missing one (``tasks.base.call_rounds``).
 """
 
 from __future__ import annotations
