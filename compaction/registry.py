@@ -79,8 +79,9 @@ def find_version(tracking: TrackingParams, name: str, source_dir: str | Path) ->
 def register_checkpoint(tracking: TrackingParams, name: str, checkpoint_dir: str | Path, run_id: str,
                         tags: Mapping[str, str] | None = None, description: str | None = None,
                         check_existing: bool = True) -> ModelVersionRef:
-    """Log ``checkpoint_dir`` under ``checkpoint/`` of run ``run_id`` and register it as a version of
-    ``name``; returns the existing version when this folder was registered before
+    """Log ``checkpoint_dir`` under ``checkpoint/`` of run ``run_id`` (``checkpoint-2/``, ... when the
+    run already holds one) and register it as a version of ``name``; returns the existing version
+    when this folder was registered before
     (``check_existing=False``: the caller has just looked, with :func:`find_version`)."""
     ckpt = Path(checkpoint_dir).resolve()
     if not (ckpt / "config.json").is_file():
@@ -89,15 +90,31 @@ def register_checkpoint(tracking: TrackingParams, name: str, checkpoint_dir: str
     if existing is not None:
         return existing
     client = _client(tracking)
-    client.log_artifacts(run_id, str(ckpt), CHECKPOINT_ARTIFACT)
+    artifact_path = _free_artifact_path(client, run_id, CHECKPOINT_ARTIFACT)
+    client.log_artifacts(run_id, str(ckpt), artifact_path)
     try:
         client.create_registered_model(name)
     except Exception:  # already exists (RESOURCE_ALREADY_EXISTS)
         pass
     all_tags = {SOURCE_TAG: str(ckpt), **(tags or {})}
-    mv = client.create_model_version(name, source=f"runs:/{run_id}/{CHECKPOINT_ARTIFACT}", run_id=run_id,
+    mv = client.create_model_version(name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id,
                                      tags=all_tags, description=description)
     return _ref(mv)
+
+
+def _free_artifact_path(client, run_id: str, base: str) -> str:
+    """``base``, else ``base-2``, ``base-3``, ...: the first artifact folder the run does not have.
+
+    One run can make several registered checkpoints: the rounds of a stage run are cached, so a
+    later flow run that asks for fewer rounds registers an earlier round of the same run. Logging
+    it over the run's ``checkpoint/`` would change the weights behind a version registered before.
+    """
+    taken = {Path(f.path).name for f in client.list_artifacts(run_id) if f.is_dir}
+    path, k = base, 1
+    while path in taken:
+        k += 1
+        path = f"{base}-{k}"
+    return path
 
 
 def set_alias(tracking: TrackingParams, name: str, alias: str, version: str) -> None:

@@ -83,3 +83,33 @@ def test_sqlite_store_in_wal_mode_lets_a_reader_and_a_writer_work_at_once(params
     assert [m.value for m in client.get_metric_history(run.info.run_id, "sft/loss")] == [1.0, 0.5]
     with sqlite3.connect(tmp_path / "mlflow.db") as con:
         assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_two_checkpoints_registered_from_one_run_keep_their_own_weights(params, tmp_path):
+    """One stage run can make two registered checkpoints: a flow run that asks for fewer rounds
+    registers an earlier round of a run whose last round was registered before. The second must
+    not be logged over the first version's files."""
+    from pathlib import Path
+
+    from compaction import registry
+
+    late, early = tmp_path / "round-0095" / "model", tmp_path / "round-0063" / "model"
+    for folder, weights in ((late, "round 95"), (early, "round 63")):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+        (folder / "weights.txt").write_text(weights)
+    with tracking.start_run(params.tracking, "rlvr") as run:
+        pass
+    first = registry.register_checkpoint(params.tracking, "rlvr", late, run.info.run_id)
+    second = registry.register_checkpoint(params.tracking, "rlvr", early, run.info.run_id)
+    assert (first.version, second.version) == ("1", "2")
+    assert first.source == f"runs:/{run.info.run_id}/checkpoint"
+    assert second.source == f"runs:/{run.info.run_id}/checkpoint-2"
+    first_dir = registry.resolve_checkpoint(params.tracking, first.uri)
+    second_dir = registry.resolve_checkpoint(params.tracking, second.uri)
+    assert Path(first_dir, "weights.txt").read_text() == "round 95"
+    assert Path(second_dir, "weights.txt").read_text() == "round 63"
+    # A folder registered before is its version again, with no new files.
+    assert registry.register_checkpoint(params.tracking, "rlvr", early, run.info.run_id).version == "2"
+    assert sorted(Path(f.path).name for f in mlflow.MlflowClient().list_artifacts(run.info.run_id)) == [
+        "checkpoint", "checkpoint-2"]
