@@ -331,7 +331,7 @@ def flow_run(params: Params, flow_name: str) -> Iterator[str]:
     tags = {"study": params.study, "flow": flow_name, "prefect_flow_run_id": str(fr.id) if fr else "",
             "git_commit": git_commit()}
     name = f"{flow_name}-{fr.name}" if fr else flow_name
-    with tracking.start_run(params.tracking, name, nested=tracking.current_run_id() is not None, tags=tags) as run:
+    with tracking.start_run(params.tracking, name, nested=True, tags=tags) as run:
         tracking.log_params(params.model_dump(mode="json"))
         yield run.info.run_id
 
