@@ -54,6 +54,11 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
     return m["name"], m["version"], m["alias"]
 
 
+#: (tracking URI, name) of the registered models this process created or found: a registered model
+#: is only deleted by hand, so it is not created again (one registry call per registration less).
+_registered_names: set[tuple[str, str]] = set()
+
+
 def _client(tracking: TrackingParams):
     from compaction.tracking import configure
 
@@ -92,10 +97,12 @@ def register_checkpoint(tracking: TrackingParams, name: str, checkpoint_dir: str
     client = _client(tracking)
     artifact_path = _free_artifact_path(client, run_id, CHECKPOINT_ARTIFACT)
     client.log_artifacts(run_id, str(ckpt), artifact_path)
-    try:
-        client.create_registered_model(name)
-    except Exception:  # already exists (RESOURCE_ALREADY_EXISTS)
-        pass
+    if (client.tracking_uri, name) not in _registered_names:
+        try:
+            client.create_registered_model(name)
+        except Exception:  # already exists (RESOURCE_ALREADY_EXISTS)
+            pass
+        _registered_names.add((client.tracking_uri, name))
     all_tags = {SOURCE_TAG: str(ckpt), **(tags or {})}
     mv = client.create_model_version(name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id,
                                      tags=all_tags, description=description)

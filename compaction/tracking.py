@@ -34,6 +34,8 @@ _current_run: contextvars.ContextVar[str | None] = contextvars.ContextVar("compa
 #: Experiment ids by (tracking URI, name): an experiment is never renamed, and looking it up costs
 #: a query per stage run.
 _experiment_ids: dict[tuple[str, str], str] = {}
+#: Runs created by :func:`start_run` in this process (:func:`created_here`).
+_created_runs: set[str] = set()
 #: SQLite store files put in WAL mode by this process (see the module docstring).
 _wal_databases: set[str] = set()
 
@@ -113,6 +115,12 @@ def ensure_experiment(tracking: TrackingParams, name: str | None = None) -> str:
         return exp.experiment_id
 
 
+def created_here(run_id: str | None) -> bool:
+    """Whether :func:`start_run` created ``run_id`` in this process: it exists, and (runs are
+    never deleted by the pipeline) a caller need not read it back to check."""
+    return run_id in _created_runs
+
+
 def current_run_id() -> str | None:
     """The run that :func:`start_run` / :func:`attach_run` made current in this context (None: none)."""
     return _current_run.get()
@@ -141,6 +149,7 @@ def start_run(
     if parent:
         all_tags["mlflow.parentRunId"] = parent
     run = mlflow.MlflowClient().create_run(exp_id, tags=context_registry.resolve_tags(all_tags), run_name=run_name)
+    _created_runs.add(run.info.run_id)
     with _current(tracking, run.info.run_id, resume=False):
         yield run
 
@@ -151,11 +160,15 @@ def attach_run(tracking: TrackingParams, run_id: str) -> Iterator[str]:
     ``mlflow.start_run(run_id=...)`` reads the whole run and writes its status twice, ~40 ms for
     each round. It is marked RUNNING, and at the end finished (or failed) again, so its end time is
     the last round's; system metrics, when ``tracking.system_metrics`` is on, continue where the
-    run's last round left them."""
+    run's last round left them.
+
+    The status is written with ``set_terminated``, one UPDATE: ``update_run`` reads the whole run
+    first (~10 ms). While the round runs, the end time is the round's start (it was the previous
+    round's end); the round's end sets it."""
     import mlflow
 
     configure(tracking)
-    mlflow.MlflowClient().update_run(run_id, status="RUNNING")  # what the UI shows while the round runs
+    mlflow.MlflowClient().set_terminated(run_id, status="RUNNING")  # what the UI shows while the round runs
     with _current(tracking, run_id, resume=True):
         yield run_id
 
@@ -183,8 +196,10 @@ def _current(tracking: TrackingParams, run_id: str, resume: bool) -> Iterator[No
         mlflow.MlflowClient().set_terminated(run_id, status=status)
 
 
-def log_params(params: Mapping[str, Any], prefix: str = "") -> None:
-    """Log a nested mapping as flattened ``a.b.c`` params (values cut to MLflow's limit)."""
+def log_params(params: Mapping[str, Any], prefix: str = "",
+               metrics: Mapping[str, float] | None = None, step: int | None = None) -> None:
+    """Log a nested mapping as flattened ``a.b.c`` params (values cut to MLflow's limit), and
+    ``metrics`` (as :func:`log_metrics`) in the first of the same ``log_batch`` calls."""
     import mlflow
     from mlflow.entities import Param
 
@@ -192,8 +207,11 @@ def log_params(params: Mapping[str, Any], prefix: str = "") -> None:
     items = [Param(k, str(v)[:MAX_PARAM_VALUE]) for k, v in flat.items()]
     client = mlflow.MlflowClient()
     run_id = current_run_id() or mlflow.active_run().info.run_id
-    for i in range(0, len(items), BATCH):
-        client.log_batch(run_id, params=items[i: i + BATCH])
+    metric_items = _metric_items(metrics or {}, step)
+    if not items and not metric_items:
+        return
+    for i in range(0, max(len(items), 1), BATCH):
+        client.log_batch(run_id, params=items[i: i + BATCH], metrics=metric_items if i == 0 else [])
 
 
 def mlflow_metric_name(name: str) -> str:
@@ -201,24 +219,29 @@ def mlflow_metric_name(name: str) -> str:
     return name.replace("@", "_at_")
 
 
-def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
-    """Log ``{"<stage>/<name>": value}`` at ``step``; non-finite and non-numeric values are skipped."""
+def _metric_items(metrics: Mapping[str, float], step: int | None) -> list:
+    """MLflow ``Metric`` entities for the finite numeric values of ``metrics`` (names made legal)."""
     import math
 
-    import mlflow
-
-    clean = {mlflow_metric_name(k): float(v) for k, v in metrics.items()
-             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
-    if not clean:
-        return
-    run_id = current_run_id()
-    if run_id is None:
-        mlflow.log_metrics(clean, step=step)
-        return
     from mlflow.entities import Metric
 
     now_ms = int(time.time() * 1000)
-    mlflow.MlflowClient().log_batch(run_id, metrics=[Metric(k, v, now_ms, step or 0) for k, v in clean.items()])
+    return [Metric(mlflow_metric_name(k), float(v), now_ms, step or 0) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    """Log ``{"<stage>/<name>": value}`` at ``step``; non-finite and non-numeric values are skipped."""
+    import mlflow
+
+    items = _metric_items(metrics, step)
+    if not items:
+        return
+    run_id = current_run_id()
+    if run_id is None:
+        mlflow.log_metrics({m.key: m.value for m in items}, step=step)
+        return
+    mlflow.MlflowClient().log_batch(run_id, metrics=items)
 
 
 def log_metrics_if_active(metrics: Mapping[str, float], step: int | None = None) -> None:

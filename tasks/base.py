@@ -351,7 +351,8 @@ def _find_child(params: Params, parent_run_id: str, run_name: str) -> str | None
     from compaction import tracking
 
     key = _stage_run_key(params, parent_run_id, run_name)
-    if key not in _stage_runs:
+    if key not in _stage_runs and not tracking.created_here(parent_run_id):
+        # A parent made by this process has only the children this process made: no search.
         exp = tracking.ensure_experiment(params.tracking)
         runs = mlflow.MlflowClient().search_runs(
             [exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.mlflow.runName = '{run_name}'",
@@ -359,7 +360,7 @@ def _find_child(params: Params, parent_run_id: str, run_name: str) -> str | None
         if not runs:
             return None
         _stage_runs[key] = runs[0].info.run_id
-    return _stage_runs[key]
+    return _stage_runs.get(key)
 
 
 @contextlib.contextmanager

@@ -70,7 +70,6 @@ def record_evaluation(params: Params, result: dict, model: str, condition: str |
         tags["condition"] = condition
     with tracking.start_run(params.tracking, f"eval-{model}", nested=True, tags=tags,
                             parent_run_id=parent_run_id) as run:
-        tracking.log_params(section_payload(params, ("eval",)))
-        tracking.log_metrics(metrics)
+        tracking.log_params(section_payload(params, ("eval",)), metrics=metrics)  # one log_batch
     return {"run_id": run.info.run_id, "metrics": metrics, "model": model, "condition": condition,
             "policy_ref": policy_ref, "eval_dir": result["eval_dir"]}

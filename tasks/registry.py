@@ -44,10 +44,11 @@ def _register(params: Params, name: str, checkpoint: str, run_id: str | None, st
     if existing is not None:
         return existing
     tracking.configure(params.tracking)
-    try:
-        mlflow.MlflowClient().get_run(run_id) if run_id else None
-    except Exception:
-        run_id = None
+    if run_id and not tracking.created_here(run_id):
+        try:
+            mlflow.MlflowClient().get_run(run_id)
+        except Exception:
+            run_id = None
     if run_id is None:
         with tracking.start_run(params.tracking, f"register-{name}", nested=True, parent_run_id=parent_run_id,
                                 tags={**stage_tags, "git_commit": git_commit()}) as run:
@@ -77,10 +78,12 @@ def register_compacted(params: Params, checkpoint: str, run_id: str | None, cond
     ``policy_ref``, ``eval_run_id``). Whether it becomes ``compacted@candidate`` is the promotion
     gate's decision (issue 7's compaction.promotion), given ``evaluation`` and ``baseline``."""
     name = params.registry.compacted_model
+    eval_tag = {"eval_run_id": evaluation["run_id"]}
     mv = _register(params, name, checkpoint, run_id,
                    {"stage": "opsd", "condition": condition, "model": f"opsd-{condition}", "policy_ref": policy_ref},
-                   parent_run_id, {"condition": condition, "policy_ref": policy_ref, "study": params.study})
-    registry.set_version_tag(params.tracking, name, mv.version, "eval_run_id", evaluation["run_id"])
+                   parent_run_id, {"condition": condition, "policy_ref": policy_ref, "study": params.study, **eval_tag})
+    if mv.tags.get("eval_run_id") != evaluation["run_id"]:  # registered before: point it at this evaluation
+        registry.set_version_tag(params.tracking, name, mv.version, "eval_run_id", evaluation["run_id"])
     get_run_logger().info("registered %s [%s] as %s", checkpoint, condition, mv.uri)
     return {"name": name, "version": mv.version, "uri": mv.uri, "condition": condition,
             "metrics": evaluation["metrics"], "baseline_metrics": baseline["metrics"]}

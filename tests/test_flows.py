@@ -127,6 +127,8 @@ def test_post_train_runs_every_stage_and_tracks_it(project):
     compacted = registry.list_versions(params.tracking, "compacted")
     assert sorted(v.tags["condition"] for v in compacted) == ["all", "correct", "incorrect"]
     assert {v.tags["policy_ref"] for v in compacted} == {"models:/rlvr/1"}
+    assert {v.tags["condition"]: v.tags["eval_run_id"] for v in compacted} == {
+        c: evals[f"opsd-{c}"].info.run_id for c in ("all", "correct", "incorrect")}
 
 
 def test_second_run_with_the_same_inputs_executes_no_job(project):
@@ -143,6 +145,14 @@ def test_second_run_with_the_same_inputs_executes_no_job(project):
     # Registration is idempotent: the same folders are the same versions.
     assert result["rlvr"]["uri"] == "models:/rlvr/1"
     assert sorted(r["version"] for r in result["compaction"]["registered"]) == ["1", "2", "3"]
+    # ... and each version's eval_run_id now names this flow run's evaluation of it.
+    from compaction import registry
+    from compaction.params import load_params
+
+    params = load_params(SMOKE, base=project["root"])
+    evaluations = result["compaction"]["evaluations"]
+    assert {v.tags["condition"]: v.tags["eval_run_id"] for v in registry.list_versions(params.tracking, "compacted")} \
+        == {c: evaluations[c]["run_id"] for c in ("all", "correct", "incorrect")}
 
 
 def test_changed_opsd_lr_reruns_opsd_and_its_evaluation_only(project):
