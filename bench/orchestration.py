@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
+import inspect
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -36,6 +39,47 @@ for k, v in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEME
              "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1",
              "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}.items():
     os.environ.setdefault(k, v)
+
+
+class CallTimer:
+    """Wall time of the public methods of some classes, called by the main thread outside jobs
+    (``tasks.base.in_job``), per layer; a call inside another timed call counts once, as the outer."""
+
+    def __init__(self, in_job) -> None:
+        self.in_job, self.main = in_job, threading.main_thread().ident
+        self.seconds: dict[str, float] = collections.defaultdict(float)
+        self.calls: collections.Counter = collections.Counter()
+        self.depth, self.on, self._undo = 0, False, []
+
+    def wrap(self, cls, layer: str) -> None:
+        for name in dir(cls):  # inherited too: Prefect's client gets its methods from mixins
+            fn = inspect.getattr_static(cls, name)
+            if name.startswith("_") or not inspect.isfunction(fn):
+                continue
+            setattr(cls, name, self._timed(fn, layer))
+            self._undo.append((cls, name, name in vars(cls) and fn))
+
+    def _timed(self, fn, layer: str):
+        @functools.wraps(fn)
+        def timed(*a, **k):
+            if not self.on or self.depth or self.in_job() or threading.get_ident() != self.main:
+                return fn(*a, **k)
+            self.depth += 1
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.depth -= 1
+                self.seconds[layer] += time.perf_counter() - t0
+                self.calls[layer] += 1
+        return timed
+
+    def restore(self) -> None:
+        for cls, name, own in self._undo:
+            if own:
+                setattr(cls, name, own)
+            else:
+                delattr(cls, name)
 
 
 def main() -> None:
@@ -87,11 +131,26 @@ def main() -> None:
             task_calls.append((self.name, time.perf_counter() - t0, sum(s for _, s in JOB_SECONDS[n0:])))
 
     prefect.tasks.Task.__call__ = timed_task_call
+    # Which layer the time outside jobs goes to: MLflow's stores (tracking and registry, SQLite)
+    # and Prefect's API client (to the ephemeral server); the rest is Prefect's engine and our code.
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
+    from prefect.client.orchestration import SyncPrefectClient
+
+    from tasks.base import in_job
+
+    calls = CallTimer(in_job)
+    calls.wrap(TrackingStore, "MLflow store")
+    calls.wrap(RegistryStore, "MLflow store")
+    calls.wrap(SyncPrefectClient, "Prefect API")
     JOB_SECONDS.clear()
+    calls.on = True
     t = time.perf_counter()
     with direct_run_settings():  # as `compaction run` runs it
         state = post_train(params=params_file, overrides=args.overrides, return_state=True)
     flow_s = time.perf_counter() - t
+    calls.on = False
+    calls.restore()
     assert state.is_completed(), state.message
     prefect.tasks.Task.__call__ = task_call
     jobs_s = sum(s for _, s in JOB_SECONDS)
@@ -121,6 +180,11 @@ def main() -> None:
     print(f"    in {len(task_calls)} task runs, around their jobs:   {in_tasks_s - jobs_s:6.1f} s "
           f"(mean {1000 * (in_tasks_s - jobs_s) / max(len(task_calls), 1):.0f} ms per task run)")
     print(f"    between task runs (flow runs, MLflow parent runs): {flow_s - in_tasks_s:6.1f} s")
+    for layer in ("MLflow store", "Prefect API"):
+        print(f"    {layer + ' calls:':<46} {calls.seconds[layer]:6.1f} s = {calls.seconds[layer] / flow_s:.1%} "
+              f"({calls.calls[layer]} calls, mean {1000 * calls.seconds[layer] / max(calls.calls[layer], 1):.1f} ms)")
+    rest = overhead - sum(calls.seconds.values())
+    print(f"    {'the rest (Prefect engine, our task code):':<46} {rest:6.1f} s = {rest / flow_s:.1%}")
     print("    per task, ms around the job (mean x runs): " + ", ".join(
         f"{name} {1000 * sum(v) / len(v):.0f} x{len(v)}" for name, v in sorted(per_task.items(), key=lambda kv: -sum(kv[1]))))
     print(f"fully cached rerun, new process (compaction run post-train): {cached_s:.1f} s (target <= 30 s); "

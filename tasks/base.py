@@ -210,10 +210,24 @@ def call_rounds(task_obj, params: Params, rounds: int, out: Path, first_prev: st
 JOB_SECONDS: list[tuple[str, float]] = []
 
 
+_jobs_running = 0
+
+
+def in_job() -> bool:
+    """Whether a :func:`timed_job` is running in this process (bench/orchestration.py tells the
+    bookkeeping calls outside jobs from the jobs' own)."""
+    return _jobs_running > 0
+
+
 def timed_job(stage: str, fn: Callable[[], Any]) -> tuple[Any, float]:
     """``fn()``, its seconds recorded in :data:`JOB_SECONDS` under ``stage``; returns both."""
+    global _jobs_running
     t0 = time.perf_counter()
-    out = fn()
+    _jobs_running += 1
+    try:
+        out = fn()
+    finally:
+        _jobs_running -= 1
     seconds = time.perf_counter() - t0
     JOB_SECONDS.append((stage, seconds))
     return out, seconds
