@@ -146,10 +146,16 @@ class StagePolicy(CachePolicy):
         """The cache key of task function ``fn`` called with ``inputs`` (the one Prefect computes)."""
         params: Params = inputs["params"]
         refs = {k: v for k, v in inputs.items() if k != "params" and k not in self.ignore}
-        source = [inspect.getsource(fn)]
+        source = [_function_source(fn)]
         if self.job:
             source.append(_module_source_hash(self.job))
         return hash_objects(refs, section_payload(params, self.sections, self.exclude), source, raise_on_failure=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _function_source(fn: Callable[..., Any]) -> str:
+    """A task function's source, read once per process (``inspect.getsource`` re-reads its file)."""
+    return inspect.getsource(fn)
 
 
 def stage_task(name: str, policy: StagePolicy, **options: Any):
@@ -163,8 +169,14 @@ def call(task_obj, params: Params, **inputs: Any):
     policy = task_obj.cache_policy
     valid = policy.valid({"params": params, **inputs}) if getattr(policy, "valid", None) else True
     # quote: Prefect would otherwise walk the whole Params model looking for futures, at every call.
-    return task_obj.with_options(result_storage=results_dir(params), refresh_cache=not valid)(params=quote(params),
-                                                                                              **inputs)
+    return _with_storage(task_obj, results_dir(params), not valid)(params=quote(params), **inputs)
+
+
+@functools.lru_cache(maxsize=256)
+def _with_storage(task_obj, result_storage: Path, refresh_cache: bool):
+    """``task_obj`` storing its results in ``result_storage``: one copy per (task, folder, refresh),
+    since ``Task.with_options`` builds a new task (and reads its source) at every call."""
+    return task_obj.with_options(result_storage=result_storage, refresh_cache=refresh_cache)
 
 
 def is_cached(task_obj, params: Params, **inputs: Any) -> bool:
