@@ -59,6 +59,13 @@ class SyntheticDomain(Section):
         "about this rate, which is wrong on most multi-step problems; RLVR's reward is what teaches "
         "the model to work them out (docs/tuning.md).",
     )
+    premature_answer_rate: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Fraction of SFT traces that stop one step early and box that step's value (a "
+        "wrong answer: the last operation forgotten), as in SFT data distilled from a teacher that "
+        "sometimes quits too soon. SFT learns to stop early at about this rate; RLVR's reward is what "
+        "removes it (docs/tuning.md).",
+    )
     privileged_fraction: float = Field(
         0.25, ge=0.0, le=1.0,
         description="Fraction of training problems that get one more SFT example whose prompt also shows "

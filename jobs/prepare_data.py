@@ -29,7 +29,7 @@ def run(params: Params) -> dict[str, str | None]:
             s = params.data.synthetic
             traces = make_traces(problems[problems["split"] == "train"], s.redundancy_rate, s.seed,
                                  s.traces_per_problem, s.privileged_fraction, s.slip_rate,
-                                 s.direct_answer_rate)
+                                 s.direct_answer_rate, s.premature_answer_rate)
             write_parquet(traces, tmp / "traces.parquet")
     counts = problems["split"].value_counts().to_dict()
     log.info("prepare_data: %d train / %d eval problems -> %s", counts.get("train", 0), counts.get("eval", 0), out)

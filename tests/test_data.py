@@ -135,6 +135,22 @@ def test_slipped_traces_box_a_wrong_answer_and_leave_the_others_unchanged(grader
     assert not any(g.correct for g in grades)
 
 
+def test_premature_traces_stop_one_step_early_and_box_a_wrong_answer(grader):
+    df = generate_problems(60, 4, seed=3, families=["arithmetic", "linear_equation", "modular"], difficulty=(1, 1))
+    df = df[df.split == "train"]
+    clean = make_traces(df, 0.5, seed=3)
+    early = make_traces(df, 0.5, seed=3, premature_answer_rate=0.5)
+    assert 0.2 < early.slipped.mean() < 0.6
+    assert (early.response[~early.slipped] == clean.response[~early.slipped]).all()  # their own random stream
+    # One step fewer than the full trace shows ("3x = 12" is boxed as 12: the division forgotten).
+    steps = early.problem_id.map(dict(zip(df.problem_id, df.steps.map(json.loads))))
+    for response, chain in zip(early.response[early.slipped], steps[early.slipped]):
+        assert chain[-2][0] in response and chain[-1][0] not in response
+        assert response.endswith(f"\\boxed{{{chain[-2][1].rsplit('=', 1)[-1].strip()}}}$.")
+    grades = grader.grade(list(early.response[early.slipped]), list(early.answer[early.slipped]))
+    assert not any(g.correct for g in grades)
+
+
 def test_direct_answer_traces_skip_the_working_and_box_the_right_answer(grader):
     df = generate_problems(60, 4, seed=3, families=["arithmetic", "word_problem", "modular"], difficulty=(1, 2))
     df = df[df.split == "train"]

@@ -362,6 +362,18 @@ def slipped(p: SyntheticProblem) -> SyntheticProblem | None:
                             p.intro)
 
 
+def premature(p: SyntheticProblem) -> SyntheticProblem | None:
+    """``p`` stopped one step early: the working up to the next-to-last step, whose value is boxed
+    as the answer (``3x = 12`` boxes 12: the division forgotten). None when ``p`` has one step, or
+    when that value happens to be the answer."""
+    if len(p.steps) < 2:
+        return None
+    value = p.steps[-2].result.rsplit("=", 1)[-1].strip()
+    if value == p.answer:
+        return None
+    return SyntheticProblem(p.family, p.difficulty, p.problem, value, p.steps[:-1], p.intro)
+
+
 def direct_answer(p: SyntheticProblem) -> str:
     """The answer without the working: an empty thinking block, then the boxed answer (the
     no-thinking mode of hybrid reasoning models)."""
@@ -376,7 +388,7 @@ def _drawn(key: str, rate: float) -> bool:
 
 def make_traces(problems: pd.DataFrame, redundancy_rate: float, seed: int = 0, traces_per_problem: int = 1,
                 privileged_fraction: float = 0.0, slip_rate: float = 0.0,
-                direct_answer_rate: float = 0.0) -> pd.DataFrame:
+                direct_answer_rate: float = 0.0, premature_answer_rate: float = 0.0) -> pd.DataFrame:
     """SFT traces for synthetic problems: ``problem_id, trace_index, problem, context, response, answer``.
 
     ``context`` is None for ordinary examples. For a seeded ``privileged_fraction`` of the
@@ -395,6 +407,8 @@ def make_traces(problems: pd.DataFrame, redundancy_rate: float, seed: int = 0, t
             rng = random.Random(f"{seed}:{row['problem_id']}:{k}")
             direct = _drawn(f"{seed}:{row['problem_id']}:{k}:direct", direct_answer_rate)
             slip = slipped(p) if not direct and _drawn(f"{seed}:{row['problem_id']}:{k}:slip", slip_rate) else None
+            if not direct and slip is None and _drawn(f"{seed}:{row['problem_id']}:{k}:premature", premature_answer_rate):
+                slip = premature(p)
             response = direct_answer(p) if direct else thinking_trace(slip or p, rng, redundancy_rate)
             out.append({**base, "trace_index": k, "context": None, "slipped": slip is not None, "response": response})
         if _drawn(f"{seed}:{row['problem_id']}:privileged", privileged_fraction):
