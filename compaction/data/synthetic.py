@@ -389,7 +389,9 @@ def _drawn(key: str, rate: float) -> bool:
 def make_traces(problems: pd.DataFrame, redundancy_rate: float, seed: int = 0, traces_per_problem: int = 1,
                 privileged_fraction: float = 0.0, slip_rate: float = 0.0,
                 direct_answer_rate: float = 0.0, premature_answer_rate: float = 0.0) -> pd.DataFrame:
-    """SFT traces for synthetic problems: ``problem_id, trace_index, problem, context, response, answer``.
+    """SFT traces for synthetic problems: ``problem_id, trace_index, problem, context, response, answer,
+    slipped`` (``slipped``: the trace boxes a wrong answer, an uncaught slip or a premature stop;
+    ``answer`` is always the problem's right answer).
 
     ``context`` is None for ordinary examples. For a seeded ``privileged_fraction`` of the
     problems one more example shows the reference solution in the prompt (``context``) and
