@@ -10,7 +10,9 @@
    seconds inside jobs (each task records the time of its job call), as a fraction of the flow
    wall time. Target <= 10%. The report counts as stage work (a stage of DESIGN.md that is never
    cached); the flows run as ``compaction run`` runs them (flows.direct: no heartbeats in
-   ephemeral mode). It also prints where the overhead goes, per task name.
+   ephemeral mode). It also prints where the overhead goes: per layer (MLflow store calls and
+   Prefect API calls made by the main thread outside jobs; the rest is Prefect's engine and our
+   task code) and per task name.
 2. A fully cached rerun, as a user runs it: a new process ``compaction run post-train`` (imports,
    ephemeral server, every stage a cache hit). Target <= 30 s.
 
