@@ -22,7 +22,7 @@ docs/decisions.md ("Orchestration and tracking contract"):
    ``report.md`` (the table), ``report.json`` (the ``--json`` payload), ``accuracy_vs_tokens.png``,
    ``length_histograms.png``, ``training_curves.png`` (metric histories of the ``stage=rlvr`` /
    ``stage=opsd`` runs of the same selection), ``redundancy_map_<condition>.html`` (the last
-   round's map of each OPSD condition, from the opsd runs' ``out_dir`` tag), all logged as
+   round's map of each OPSD condition, from the opsd runs' ``stage_dir`` tag), all logged as
    artifacts ``report/`` of a run tagged ``stage=report`` (nested under the flow run reported on).
    The promotion gate (compaction/promotion.py) is evaluated for each OPSD model against the
    baseline and shown in the report; the registry is left alone here.
@@ -611,12 +611,12 @@ def _write_figures(client, exp, evals, root, data, rows, rp, tmp: Path, notes: l
 
     for r in opsd_runs:
         cond = r.data.tags.get("condition")
-        out = r.data.tags.get("out_dir")
+        out = r.data.tags.get("stage_dir")  # the folder of its rounds (tasks.opsd)
         if not cond or cond == "baseline":
             continue
         maps = sorted(Path(out).glob(f"round-*/{MAP_FILE}")) if out else []
         if not maps:
-            notes.append(f"opsd run {r.info.run_id} ({cond}): no round-*/{MAP_FILE} under out_dir {out!r}")
+            notes.append(f"opsd run {r.info.run_id} ({cond}): no round-*/{MAP_FILE} under stage_dir {out!r}")
             continue
         name = f"redundancy_map_{cond}.html"
         if name in files:

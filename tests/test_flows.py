@@ -130,6 +130,11 @@ def test_post_train_runs_every_stage_and_tracks_it(project):
     assert {v.tags["condition"]: v.tags["eval_run_id"] for v in compacted} == {
         c: evals[f"opsd-{c}"].info.run_id for c in ("all", "correct", "incorrect")}
 
+    # The report found each OPSD run's rounds (its stage_dir tag): one redundancy map per condition.
+    report_dir = Path(result["compaction"]["report"]["out_dir"])
+    assert {p.name for p in report_dir.glob("redundancy_map_*.html")} == {
+        f"redundancy_map_{c}.html" for c in ("all", "correct", "incorrect")}
+
 
 def test_second_run_with_the_same_inputs_executes_no_job(project):
     from flows.post_train import post_train

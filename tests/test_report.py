@@ -108,7 +108,7 @@ def study(tmp_path_factory, mlflow_db_template):
                 tracking.log_metrics({"rlvr/reward_mean": v}, step=step)
         with tracking.start_run(params.tracking, "opsd-correct", nested=True,
                                 tags={"stage": "opsd", "condition": "correct", "model": "opsd-correct",
-                                      "out_dir": str(opsd_out)}):
+                                      "stage_dir": str(opsd_out)}):
             for step, v in enumerate([0.9, 0.6]):
                 tracking.log_metrics({"opsd/loss": v, "opsd/mean_response_tokens": 40 - 10 * step}, step=step)
         for model, (_, _, seeds) in MODELS.items():
