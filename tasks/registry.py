@@ -78,10 +78,10 @@ def register_compacted(params: Params, checkpoint: str, run_id: str | None, cond
     ``policy_ref``, ``eval_run_id``). Whether it becomes ``compacted@candidate`` is the promotion
     gate's decision (issue 7's compaction.promotion), given ``evaluation`` and ``baseline``."""
     name = params.registry.compacted_model
-    eval_tag = {"eval_run_id": evaluation["run_id"]}
     mv = _register(params, name, checkpoint, run_id,
                    {"stage": "opsd", "condition": condition, "model": f"opsd-{condition}", "policy_ref": policy_ref},
-                   parent_run_id, {"condition": condition, "policy_ref": policy_ref, "study": params.study, **eval_tag})
+                   parent_run_id, {"condition": condition, "policy_ref": policy_ref, "study": params.study,
+                                   "eval_run_id": evaluation["run_id"]})
     if mv.tags.get("eval_run_id") != evaluation["run_id"]:  # registered before: point it at this evaluation
         registry.set_version_tag(params.tracking, name, mv.version, "eval_run_id", evaluation["run_id"])
     get_run_logger().info("registered %s [%s] as %s", checkpoint, condition, mv.uri)
