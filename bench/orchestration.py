@@ -16,7 +16,7 @@
 2. A fully cached rerun, as a user runs it: a new process ``compaction run post-train`` (imports,
    ephemeral server, every stage a cache hit). Target <= 30 s.
 
-``--set rlvr.rounds=48 --set opsd.rounds=30`` gives the round count of params/demo.yaml (48 RLVR
+``--set rlvr.rounds=80 --set opsd.rounds=30`` gives the round count of params/demo.yaml (80 RLVR
 rounds, 3 x 30 OPSD rounds) at smoke sizes, for the cached rerun of a demo-shaped flow.
 """
 
