@@ -166,10 +166,14 @@ def stage_task(name: str, policy: StagePolicy, **options: Any):
 def call(task_obj, params: Params, **inputs: Any):
     """Run a stage task with its results stored under the params' absolute artifacts folder; a
     cache record whose output is no longer on disk is not used (the task runs and rewrites it)."""
-    policy = task_obj.cache_policy
-    valid = policy.valid({"params": params, **inputs}) if getattr(policy, "valid", None) else True
+    valid = _output_valid(task_obj.cache_policy, {"params": params, **inputs})
     # quote: Prefect would otherwise walk the whole Params model looking for futures, at every call.
     return _with_storage(task_obj, results_dir(params), not valid)(params=quote(params), **inputs)
+
+
+def _output_valid(policy, inputs: dict[str, Any]) -> bool:
+    """Whether the stage's output for ``inputs`` is on disk (a policy without a check: yes)."""
+    return policy.valid(inputs) if getattr(policy, "valid", None) else True
 
 
 @functools.lru_cache(maxsize=256)
@@ -187,7 +191,7 @@ def is_cached(task_obj, params: Params, **inputs: Any) -> bool:
 
     policy: StagePolicy = task_obj.cache_policy
     inputs = {"params": params, **inputs}
-    if policy.valid and not policy.valid(inputs):
+    if not _output_valid(policy, inputs):
         return False
     store = ResultStore(result_storage=LocalFileSystem(basepath=str(results_dir(params))))
     return store.exists(policy.key_of(task_obj.fn, inputs))
