@@ -95,8 +95,9 @@ def register_checkpoint(tracking: TrackingParams, name: str, checkpoint_dir: str
     if existing is not None:
         return existing
     client = _client(tracking)
-    artifact_path = _free_artifact_path(client, run_id, CHECKPOINT_ARTIFACT)
-    client.log_artifacts(run_id, str(ckpt), artifact_path)
+    repo = _artifact_repo(client, run_id)
+    artifact_path = _free_artifact_path(repo, CHECKPOINT_ARTIFACT)
+    repo.log_artifacts(str(ckpt), artifact_path)
     if (client.tracking_uri, name) not in _registered_names:
         try:
             client.create_registered_model(name)
@@ -109,14 +110,24 @@ def register_checkpoint(tracking: TrackingParams, name: str, checkpoint_dir: str
     return _ref(mv)
 
 
-def _free_artifact_path(client, run_id: str, base: str) -> str:
+def _artifact_repo(client, run_id: str):
+    """The run's artifact repository, for listing and logging: ``MlflowClient.list_artifacts`` and
+    ``log_artifacts`` each read the whole run back to find its artifact URI."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    from compaction.tracking import artifact_uri
+
+    return get_artifact_repository(artifact_uri(run_id), tracking_uri=client.tracking_uri)
+
+
+def _free_artifact_path(repo, base: str) -> str:
     """``base``, else ``base-2``, ``base-3``, ...: the first artifact folder the run does not have.
 
     One run can make several registered checkpoints: the rounds of a stage run are cached, so a
     later flow run that asks for fewer rounds registers an earlier round of the same run. Logging
     it over the run's ``checkpoint/`` would change the weights behind a version registered before.
     """
-    taken = {Path(f.path).name for f in client.list_artifacts(run_id) if f.is_dir}
+    taken = {Path(f.path).name for f in repo.list_artifacts() if f.is_dir}
     path, k = base, 1
     while path in taken:
         k += 1
@@ -158,12 +169,13 @@ def resolve_checkpoint(tracking: TrackingParams, ref: str, download_root: str | 
         if not path.exists():
             raise FileNotFoundError(f"checkpoint {ref}: no such folder")
         return str(path.resolve())
+    from compaction.tracking import artifact_uri
+
     mv = get_version(tracking, ref)
-    client = _client(tracking)
     location = mv.source
     if location.startswith("runs:/"):  # runs:/<id>/<path> -> the run's artifact folder + path
         run_id, _, sub = location[len("runs:/"):].partition("/")
-        location = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/" + sub
+        location = artifact_uri(run_id).rstrip("/") + "/" + sub
     if location.startswith("file://") or location.startswith("/"):
         local = Path(location[len("file://"):] if location.startswith("file://") else location)
         if not (local / "config.json").is_file():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 import time
 from pathlib import Path
@@ -36,6 +37,12 @@ _current_run: contextvars.ContextVar[str | None] = contextvars.ContextVar("compa
 _experiment_ids: dict[tuple[str, str], str] = {}
 #: Runs created by :func:`start_run` in this process (:func:`created_here`).
 _created_runs: set[str] = set()
+#: Artifact URIs by run id (:func:`artifact_uri`): fixed when a run is created.
+_artifact_uris: dict[str, str] = {}
+#: Runs left RUNNING by a block that passed ``finish=False`` (a stage whose next round attaches to
+#: it), with their parent run: :func:`attach_run` need not mark them RUNNING again, and
+#: :func:`close_left_running` ends those a failed flow left behind.
+_left_running: dict[str, str | None] = {}
 #: SQLite store files put in WAL mode by this process (see the module docstring).
 _wal_databases: set[str] = set()
 
@@ -121,6 +128,24 @@ def created_here(run_id: str | None) -> bool:
     return run_id in _created_runs
 
 
+def artifact_uri(run_id: str) -> str:
+    """The artifact URI of ``run_id`` (read from the store once per process; a run's is never changed)."""
+    if run_id not in _artifact_uris:
+        import mlflow
+
+        _artifact_uris[run_id] = mlflow.MlflowClient().get_run(run_id).info.artifact_uri
+    return _artifact_uris[run_id]
+
+
+@functools.lru_cache(maxsize=None)
+def _context_tags() -> dict[str, str]:
+    """MLflow's tags for this process's runs (``context_registry.resolve_tags``: user, source,
+    git commit of the entry point): the same for every run of a process, and ~2 ms to resolve."""
+    from mlflow.tracking.context import registry as context_registry
+
+    return dict(context_registry.resolve_tags())
+
+
 def current_run_id() -> str | None:
     """The run that :func:`start_run` / :func:`attach_run` made current in this context (None: none)."""
     return _current_run.get()
@@ -129,53 +154,67 @@ def current_run_id() -> str | None:
 @contextlib.contextmanager
 def start_run(
     tracking: TrackingParams, run_name: str, nested: bool = False, tags: Mapping[str, str] | None = None,
-    experiment: str | None = None, parent_run_id: str | None = None,
+    experiment: str | None = None, parent_run_id: str | None = None, finish: bool = True,
 ) -> Iterator[Any]:
     """Create a run in the study's experiment, nested under ``parent_run_id`` (or, with ``nested``,
     under the current run), and make it current: :func:`log_params` and :func:`log_metrics` write
-    there. Yields MLflow's ``Run``; at the end the run is marked FINISHED (FAILED on an exception).
+    there. Yields MLflow's ``Run``; at the end the run is marked FINISHED (FAILED on an exception;
+    ``finish=False``: left RUNNING after a success, for :func:`attach_run` to continue).
 
     Not ``mlflow.start_run``: that reads the parent run back (its params, tags and metrics) to check
     it, ~17 ms a run on SQLite, and a flow starts one run per stage and evaluation. The tags are
     MLflow's own (``context_registry.resolve_tags``: user, source, git commit) plus ours.
     """
     import mlflow
-    from mlflow.tracking.context import registry as context_registry
 
     exp_id = ensure_experiment(tracking, experiment)
     parent = parent_run_id or (current_run_id() if nested else None)
-    all_tags = dict(tags or {})
-    all_tags["mlflow.runName"] = run_name
+    all_tags = {**_context_tags(), **(tags or {}), "mlflow.runName": run_name}
     if parent:
         all_tags["mlflow.parentRunId"] = parent
-    run = mlflow.MlflowClient().create_run(exp_id, tags=context_registry.resolve_tags(all_tags), run_name=run_name)
+    run = mlflow.MlflowClient().create_run(exp_id, tags=all_tags, run_name=run_name)
     _created_runs.add(run.info.run_id)
-    with _current(tracking, run.info.run_id, resume=False):
+    _artifact_uris[run.info.run_id] = run.info.artifact_uri
+    with _current(tracking, run.info.run_id, resume=False, finish=finish, parent=parent):
         yield run
 
 
 @contextlib.contextmanager
-def attach_run(tracking: TrackingParams, run_id: str) -> Iterator[str]:
+def attach_run(tracking: TrackingParams, run_id: str, finish: bool = True,
+               parent_run_id: str | None = None) -> Iterator[str]:
     """Make the existing run ``run_id`` current again for the duration (a later round of a stage):
     ``mlflow.start_run(run_id=...)`` reads the whole run and writes its status twice, ~40 ms for
-    each round. It is marked RUNNING, and at the end finished (or failed) again, so its end time is
-    the last round's; system metrics, when ``tracking.system_metrics`` is on, continue where the
-    run's last round left them.
+    each round. At the end it is finished (or failed) again, so its end time is the last round's
+    (``finish=False``: left RUNNING, a round that is not the stage's last); system metrics, when
+    ``tracking.system_metrics`` is on, continue where the run's last round left them.
 
-    The status is written with ``set_terminated``, one UPDATE: ``update_run`` reads the whole run
-    first (~10 ms). While the round runs, the end time is the round's start (it was the previous
-    round's end); the round's end sets it."""
+    A run that this process left RUNNING stays so; another (a finished stage run that a new round
+    continues) is marked RUNNING first, with ``set_terminated``, one UPDATE: ``update_run`` reads
+    the whole run first (~10 ms). Its end time is then the previous round's until this one ends."""
     import mlflow
 
     configure(tracking)
-    mlflow.MlflowClient().set_terminated(run_id, status="RUNNING")  # what the UI shows while the round runs
-    with _current(tracking, run_id, resume=True):
+    if run_id not in _left_running:
+        mlflow.MlflowClient().set_terminated(run_id, status="RUNNING")  # what the UI shows while the round runs
+    with _current(tracking, run_id, resume=True, finish=finish, parent=parent_run_id):
         yield run_id
 
 
+def close_left_running(parent_run_id: str, status: str) -> None:
+    """Terminate (``status``) the runs under ``parent_run_id`` that a ``finish=False`` block left
+    RUNNING: a flow that failed between two rounds of a stage."""
+    import mlflow
+
+    for run_id in [r for r, parent in _left_running.items() if parent == parent_run_id]:
+        _left_running.pop(run_id, None)
+        mlflow.MlflowClient().set_terminated(run_id, status=status)
+
+
 @contextlib.contextmanager
-def _current(tracking: TrackingParams, run_id: str, resume: bool) -> Iterator[None]:
-    """``run_id`` as the current run, with system metrics when asked; terminated at the end."""
+def _current(tracking: TrackingParams, run_id: str, resume: bool, finish: bool = True,
+             parent: str | None = None) -> Iterator[None]:
+    """``run_id`` as the current run, with system metrics when asked; terminated at the end
+    (``finish=False``: a success leaves it RUNNING, remembered in :data:`_left_running`)."""
     import mlflow
 
     monitor = None
@@ -193,7 +232,11 @@ def _current(tracking: TrackingParams, run_id: str, resume: bool) -> Iterator[No
         _current_run.reset(token)
         if monitor is not None:
             monitor.finish()
-        mlflow.MlflowClient().set_terminated(run_id, status=status)
+        if finish or status != "FINISHED":
+            _left_running.pop(run_id, None)
+            mlflow.MlflowClient().set_terminated(run_id, status=status)
+        else:
+            _left_running[run_id] = parent
 
 
 def log_params(params: Mapping[str, Any], prefix: str = "",

@@ -363,7 +363,11 @@ def flow_run(params: Params, flow_name: str) -> Iterator[str]:
     name = f"{flow_name}-{fr.name}" if fr else flow_name
     with tracking.start_run(params.tracking, name, nested=True, tags=tags) as run:
         tracking.log_params(params.model_dump(mode="json"))
-        yield run.info.run_id
+        try:
+            yield run.info.run_id
+        except BaseException:
+            tracking.close_left_running(run.info.run_id, "FAILED")  # a stage that failed between rounds
+            raise
 
 
 #: Stage runs by (tracking URI, parent run, run name), as this process created or found them:
@@ -395,20 +399,22 @@ def _find_child(params: Params, parent_run_id: str, run_name: str) -> str | None
 
 @contextlib.contextmanager
 def stage_run(params: Params, parent_run_id: str | None, run_name: str, tags: Mapping[str, str],
-              log_sections: Sequence[str] = ()) -> Iterator[str]:
+              log_sections: Sequence[str] = (), last_round: bool = True) -> Iterator[str]:
     """The stage's nested MLflow run under the flow's run: one per stage and flow run, so the
     rounds of RLVR / OPSD (one task each) log into the same run, step = round. Yields its id.
     A later round attaches to the run (:func:`compaction.tracking.attach_run`) instead of
-    reopening it."""
+    reopening it. The run stays RUNNING from round to round (``last_round=False``): the stage is
+    running, and each round saves two status writes; the last round finishes it."""
     from compaction import tracking
 
     all_tags = {**tags, "git_commit": git_commit()}
     existing = _find_child(params, parent_run_id, run_name) if parent_run_id else None
     if existing:
-        with tracking.attach_run(params.tracking, existing) as run_id:
+        with tracking.attach_run(params.tracking, existing, finish=last_round, parent_run_id=parent_run_id) as run_id:
             yield run_id
         return
-    with tracking.start_run(params.tracking, run_name, nested=True, tags=all_tags, parent_run_id=parent_run_id) as run:
+    with tracking.start_run(params.tracking, run_name, nested=True, tags=all_tags, parent_run_id=parent_run_id,
+                            finish=last_round) as run:
         if parent_run_id:
             _stage_runs[_stage_run_key(params, parent_run_id, run_name)] = run.info.run_id
         if log_sections:

@@ -45,7 +45,8 @@ def opsd_round_task(params: Params, policy: str, prev: str, problems: str, condi
         job.check_job(params, problems, condition)
         job.run_round(params, prev, policy, problems, out, round_, condition, grader=grader_for(params))
 
-    with stage_run(params, parent_run_id, f"opsd-{condition}", tags, log_sections=SECTIONS) as run_id:
+    with stage_run(params, parent_run_id, f"opsd-{condition}", tags, log_sections=SECTIONS,
+                   last_round=round_ >= params.opsd.rounds - 1) as run_id:
         seconds = launch(params, "jobs.opsd", args, inline, run_id, "opsd")
     if not round_completed(out, round_):
         raise RuntimeError(f"opsd round {round_} [{condition}]: the job ended without completing "

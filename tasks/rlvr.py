@@ -37,7 +37,8 @@ def rlvr_round_task(params: Params, policy: str, prev: str, problems: str, round
     out = rlvr_dir(params, policy, problems)
     tags = {"stage": "rlvr", "model": "rlvr", "policy_ref": policy, "stage_dir": str(out)}
     args = ["--policy", policy, "--problems", problems, "--out", str(out), "--round", str(round_)]
-    with stage_run(params, parent_run_id, "rlvr", tags, log_sections=SECTIONS) as run_id:
+    with stage_run(params, parent_run_id, "rlvr", tags, log_sections=SECTIONS,
+                   last_round=round_ >= params.rlvr.rounds - 1) as run_id:
         seconds = launch(params, "jobs.rlvr", args,
                          lambda: job.run_round(params, prev, policy, problems, out, round_, grader=grader_for(params)),
                          run_id, "rlvr")

@@ -64,6 +64,29 @@ def test_attached_run_gets_the_metrics_and_its_status_back(params):
     assert client.get_run(stage.info.run_id).info.status == "FINISHED"
 
 
+def test_a_stage_run_stays_running_between_rounds_and_ends_with_the_last_or_with_its_flow(params):
+    """Rounds that are not the stage's last leave its run RUNNING (the stage is running); the last
+    round finishes it; a flow that fails between two rounds marks it FAILED, not RUNNING forever."""
+    from tasks.base import flow_run, stage_run
+
+    client = mlflow.MlflowClient(params.tracking.tracking_uri)
+    status = lambda run_id: client.get_run(run_id).info.status  # noqa: E731
+    with flow_run(params, "post-train") as parent:
+        for k in range(3):
+            with stage_run(params, parent, "rlvr", {"stage": "rlvr"}, last_round=k == 2) as stage:
+                tracking.log_metrics({"rlvr/reward_mean": k}, step=k)
+            assert status(stage) == ("FINISHED" if k == 2 else "RUNNING")
+    assert [m.step for m in client.get_metric_history(stage, "rlvr/reward_mean")] == [0, 1, 2]
+    assert status(parent) == "FINISHED"
+
+    with pytest.raises(RuntimeError), flow_run(params, "post-train") as parent:
+        with stage_run(params, parent, "rlvr", {"stage": "rlvr"}, last_round=False) as stage:
+            pass
+        assert status(stage) == "RUNNING"
+        raise RuntimeError("the next round failed")
+    assert status(stage) == "FAILED" and status(parent) == "FAILED"
+
+
 def test_sqlite_store_in_wal_mode_lets_a_reader_and_a_writer_work_at_once(params, tmp_path):
     """``mlflow ui`` reading the store while a job logs: in WAL mode the write commits at once
     (in SQLite's default rollback journal it waits for the reader, then fails "database is locked")."""
