@@ -13,7 +13,9 @@ or non-finite metric on either side fails the gate, with the reason naming it.
 Metrics are flat dicts in the MLflow naming of the evaluate job (``metrics.json`` or a run's
 ``data.metrics``). :func:`decide_promotion` is pure; :func:`apply_promotion` writes the verdict
 to the registry: alias ``candidate`` on the version when it passes, and in every case a version
-tag ``promotion`` with the reason (so a version that did not pass says why).
+tag ``promotion`` with the reason (so a version that did not pass says why). The flows decide
+before they register (tasks.registry.register_compacted), so a new version is created with the
+verdict's tags (:func:`verdict_tags`) and only the alias is written after.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ ACCURACY = "eval/{bench}/accuracy"
 TOKENS = "eval/{bench}/mean_response_tokens"
 TAG = "promotion"
 TAG_PASSED = "promotion_passed"
+CANDIDATE_ALIAS = "candidate"
 MAX_TAG_CHARS = 5000  # MLflow's limit on a tag value
 
 
@@ -80,9 +83,14 @@ def decide_promotion(baseline: Mapping[str, Any], candidate: Mapping[str, Any],
     return True, "promoted: " + " | ".join(passes)
 
 
+def verdict_tags(promote: bool, reason: str) -> dict[str, str]:
+    """The version tags that record a verdict: ``promotion`` (the reason) and ``promotion_passed``."""
+    return {TAG: reason[:MAX_TAG_CHARS], TAG_PASSED: "true" if promote else "false"}
+
+
 def apply_promotion(name: str, version: str | int, baseline: Mapping[str, Any], candidate: Mapping[str, Any],
                     benchmarks: Iterable[str] | None = None, max_accuracy_drop: float = 2.0,
-                    alias: str = "candidate", client=None) -> tuple[bool, str]:
+                    alias: str = CANDIDATE_ALIAS, client=None) -> tuple[bool, str]:
     """Run the gate for registered model version ``name``/``version`` and record the verdict.
 
     Passes: alias ``alias`` is moved to this version. Always: version tags ``promotion`` (the
@@ -96,8 +104,8 @@ def apply_promotion(name: str, version: str | int, baseline: Mapping[str, Any], 
     version = str(version)
     client.get_model_version(name, version)  # fail early, naming the version, when it does not exist
     promote, reason = decide_promotion(baseline, candidate, benchmarks, max_accuracy_drop)
-    client.set_model_version_tag(name, version, TAG, reason[:MAX_TAG_CHARS])
-    client.set_model_version_tag(name, version, TAG_PASSED, "true" if promote else "false")
+    for key, value in verdict_tags(promote, reason).items():
+        client.set_model_version_tag(name, version, key, value)
     if promote:
         client.set_registered_model_alias(name, alias, version)
     return promote, reason

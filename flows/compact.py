@@ -3,7 +3,7 @@ when Prefect loads it as a script): from an RLVR checkpoint to evaluated, regist
 
     checkpoint (path | models:/ URI, default models:/rlvr@latest) -> evaluate (opsd-baseline)
     per condition: OPSD rounds -> evaluate -> register a `compacted` version (tag condition)
-    -> promotion gate (compacted@candidate) -> report (artifacts/reports/<study>/)
+    through the promotion gate (compacted@candidate on a pass) -> report (artifacts/reports/<study>/)
 
 Deployments ``opsd-correct``, ``opsd-all``, ``opsd-incorrect`` (prefect.yaml) run it with one
 condition each; ``opsd-correct`` is triggered by ``rlvr.checkpoint.landed``.
@@ -18,7 +18,7 @@ from tasks.base import flow_run, load_flow_params
 from tasks.data import prepare_data
 from tasks.evaluate import evaluate, record_evaluation
 from tasks.opsd import opsd_rounds
-from tasks.registry import promote_compacted, register_compacted, resolve_checkpoint
+from tasks.registry import register_compacted, resolve_checkpoint
 from tasks.report import report
 
 
@@ -54,7 +54,6 @@ def compaction(params: str = "params/demo.yaml", overrides: list[str] = [],  # n
             if last:
                 registered.append(register_compacted(p, model, last["run_id"], condition, policy_ref,
                                                       evaluations[condition], baseline, parent))
-        registered = [promote_compacted(p, r) for r in registered]  # compacted@candidate on a pass
         summary = report(p, parent)
         return {"checkpoint": ckpt, "evaluations": evaluations, "registered": registered, "report": summary,
                 "mlflow_run_id": parent}

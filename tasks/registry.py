@@ -1,5 +1,5 @@
-"""Registry steps of the flows: resolve the checkpoint, register RLVR and compacted checkpoints,
-announce a new RLVR checkpoint. None is cached: each is a few registry
+"""Registry steps of the flows: resolve the checkpoint, register RLVR and compacted checkpoints
+(the latter through the promotion gate), announce a new RLVR checkpoint. None is cached: each is a few registry
 calls, and registration is idempotent (compaction.registry: one version per checkpoint folder).
 """
 
@@ -75,18 +75,34 @@ def register_rlvr(params: Params, checkpoint: str, run_id: str | None, policy_re
 def register_compacted(params: Params, checkpoint: str, run_id: str | None, condition: str, policy_ref: str,
                        evaluation: dict, baseline: dict, parent_run_id: str | None) -> dict:
     """Register an OPSD result as a version of ``registry.compacted_model`` (tags ``condition``,
-    ``policy_ref``, ``eval_run_id``). Whether it becomes ``compacted@candidate`` is the promotion
-    gate's decision (issue 7's compaction.promotion), given ``evaluation`` and ``baseline``."""
+    ``policy_ref``, ``eval_run_id``) through the promotion gate (compaction.promotion): alias
+    ``candidate`` when, on every gated benchmark, accuracy drops by at most
+    ``promotion.max_accuracy_drop`` points and responses are shorter; in every case the version
+    tags ``promotion`` (the reason) and ``promotion_passed``.
+
+    The verdict is decided before registering, so a new version is created with it; a version
+    registered earlier (a rerun) gets the tags that changed (``eval_run_id``: this evaluation)."""
+    from compaction.promotion import CANDIDATE_ALIAS, decide_promotion, verdict_tags
+
     name = params.registry.compacted_model
+    promote, reason = decide_promotion(baseline["metrics"], evaluation["metrics"], params.promotion.benchmarks,
+                                       params.promotion.max_accuracy_drop)
+    version_tags = {"condition": condition, "policy_ref": policy_ref, "study": params.study,
+                    "eval_run_id": evaluation["run_id"], **verdict_tags(promote, reason)}
     mv = _register(params, name, checkpoint, run_id,
                    {"stage": "opsd", "condition": condition, "model": f"opsd-{condition}", "policy_ref": policy_ref},
-                   parent_run_id, {"condition": condition, "policy_ref": policy_ref, "study": params.study,
-                                   "eval_run_id": evaluation["run_id"]})
-    if mv.tags.get("eval_run_id") != evaluation["run_id"]:  # registered before: point it at this evaluation
-        registry.set_version_tag(params.tracking, name, mv.version, "eval_run_id", evaluation["run_id"])
-    get_run_logger().info("registered %s [%s] as %s", checkpoint, condition, mv.uri)
+                   parent_run_id, version_tags)
+    for key, value in version_tags.items():  # registered before: bring its tags up to date
+        if mv.tags.get(key) != value:
+            registry.set_version_tag(params.tracking, name, mv.version, key, value)
+    if promote:  # a version that fails never takes the alias: an earlier one that passed keeps it
+        registry.set_alias(params.tracking, name, CANDIDATE_ALIAS, mv.version)
+    logger = get_run_logger()
+    logger.info("registered %s [%s] as %s", checkpoint, condition, mv.uri)
+    logger.info("%s: %s", mv.uri, reason)
     return {"name": name, "version": mv.version, "uri": mv.uri, "condition": condition,
-            "metrics": evaluation["metrics"], "baseline_metrics": baseline["metrics"]}
+            "metrics": evaluation["metrics"], "baseline_metrics": baseline["metrics"],
+            "promoted": promote, "promotion": reason}
 
 
 @task(name="announce_checkpoint", cache_policy=NO_CACHE)
@@ -103,19 +119,3 @@ def announce_checkpoint(registered: dict) -> str | None:
     )
     get_run_logger().info("emitted %s for %s", LANDED_EVENT, registered["uri"])
     return str(event.id) if event else None
-
-
-@task(name="promote_compacted", cache_policy=NO_CACHE, task_run_name="promote_compacted-{registered[condition]}")
-def promote_compacted(params: Params, registered: dict) -> dict:
-    """The promotion gate (compaction.promotion) for one registered ``compacted`` version: alias
-    ``candidate`` when accuracy drops by at most ``promotion.max_accuracy_drop`` points on every
-    benchmark and responses are shorter; otherwise version tags say why not."""
-    from compaction import tracking
-    from compaction.promotion import apply_promotion
-
-    tracking.configure(params.tracking)
-    promote, reason = apply_promotion(registered["name"], registered["version"], registered["baseline_metrics"],
-                                      registered["metrics"], params.promotion.benchmarks,
-                                      params.promotion.max_accuracy_drop)
-    get_run_logger().info("%s: %s", registered["uri"], reason)
-    return {**registered, "promoted": promote, "promotion": reason}

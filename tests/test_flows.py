@@ -130,6 +130,22 @@ def test_post_train_runs_every_stage_and_tracks_it(project):
     assert {v.tags["condition"]: v.tags["eval_run_id"] for v in compacted} == {
         c: evals[f"opsd-{c}"].info.run_id for c in ("all", "correct", "incorrect")}
 
+    # The promotion gate ran in registration: each version carries its verdict, the flow returns
+    # it, and alias `candidate` is on a version that passed (none when none passed).
+    verdicts = {r["condition"]: r["promoted"] for r in result["compaction"]["registered"]}
+    assert {v.tags["condition"]: v.tags["promotion_passed"] for v in compacted} == {
+        c: "true" if ok else "false" for c, ok in verdicts.items()}
+    assert all(v.tags["promotion"].startswith("promoted" if v.tags["promotion_passed"] == "true" else "not promoted")
+               for v in compacted)
+    passed = [v.version for v in compacted if v.tags["promotion_passed"] == "true"]
+    if passed:
+        assert registry.get_version(params.tracking, "models:/compacted@candidate").version in passed
+    else:
+        with pytest.raises(LookupError):
+            registry.get_version(params.tracking, "models:/compacted@candidate")
+    # No run is left RUNNING: a stage's run stays RUNNING between its rounds, the last one ends it.
+    assert {r.info.status for r in client.search_runs([exp.experiment_id], max_results=500)} == {"FINISHED"}
+
     # The report found each OPSD run's rounds (its stage_dir tag): one redundancy map per condition.
     report_dir = Path(result["compaction"]["report"]["out_dir"])
     assert {p.name for p in report_dir.glob("redundancy_map_*.html")} == {
