@@ -12,7 +12,9 @@
    cached); the flows run as ``compaction run`` runs them (flows.direct: no heartbeats in
    ephemeral mode). It also prints where the overhead goes: per layer (MLflow store calls and
    Prefect API calls made by the main thread outside jobs; the rest is Prefect's engine and our
-   task code) and per task name.
+   task code) and per task name. Baseline, side by side: the same flow shape (task runs in the
+   same flows, persisted or not) with no-op tasks and no MLflow (:func:`prefect_floor`), which is
+   what Prefect alone costs for it.
 2. A fully cached rerun, as a user runs it: a new process ``compaction run post-train`` (imports,
    ephemeral server, every stage a cache hit). Target <= 30 s.
 
@@ -84,6 +86,52 @@ class CallTimer:
                 delattr(cls, name)
 
 
+def _noop(key: str) -> dict:
+    return {"key": key}
+
+
+def prefect_floor(shape: list[tuple[str, bool]], storage: Path) -> float:
+    """Wall time of a flow of ``shape`` (the measured flow's task runs in call order: the flow that
+    called each, and whether it persists its result) where every task is a no-op and nothing is
+    tracked in MLflow: what Prefect itself costs for this flow, the floor of the overhead.
+
+    Stage tasks become no-op tasks with a cache key and a persisted result (each a cache miss, as
+    in a first run), the others no-op tasks without cache; the tasks of ``compaction`` run in a
+    subflow, started as ``post-train`` starts it (after ``wait_until_recorded``)."""
+    import uuid
+
+    from prefect import flow, task
+    from prefect.cache_policies import INPUTS, NO_CACHE
+
+    from flows.direct import direct_run_settings
+    from flows.post_train import wait_until_recorded
+
+    stage = task(name="noop_stage", cache_policy=INPUTS, persist_result=True, result_storage=storage)(_noop)
+    bookkeeping = task(name="noop_bookkeeping", cache_policy=NO_CACHE)(_noop)
+    nonce = uuid.uuid4().hex
+
+    def replay(flow_name: str):
+        state = None
+        for i, (_, persisted) in enumerate(x for x in shape if x[0] == flow_name):
+            state = (stage if persisted else bookkeeping)(f"{nonce}-{flow_name}-{i}", return_state=True)
+        return state
+
+    @flow(name="noop-compaction")
+    def sub() -> None:
+        replay("compaction")
+
+    @flow(name="noop-post-train")
+    def top() -> None:
+        last = replay("post-train")
+        wait_until_recorded(last.state_details.task_run_id if last else None)
+        sub()
+
+    t = time.perf_counter()
+    with direct_run_settings():
+        top()
+    return time.perf_counter() - t
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default=str(REPO / "params" / "smoke.yaml"))
@@ -121,11 +169,17 @@ def main() -> None:
     from flows.post_train import post_train
     from tasks.base import JOB_SECONDS
 
-    # Where the overhead goes: each task call's wall time, and the stage work inside it.
+    # Where the overhead goes: each task call's wall time, and the stage work inside it; and the
+    # flow's shape (which flow called which kind of task) for the Prefect-only baseline.
+    from prefect.context import FlowRunContext
+
     task_calls: list[tuple[str, float, float]] = []
+    shape: list[tuple[str, bool]] = []
     task_call = prefect.tasks.Task.__call__
 
     def timed_task_call(self, *a, **k):
+        ctx = FlowRunContext.get()
+        shape.append((ctx.flow.name if ctx else "", bool(self.persist_result)))
         n0, t0 = len(JOB_SECONDS), time.perf_counter()
         try:
             return task_call(self, *a, **k)
@@ -162,6 +216,8 @@ def main() -> None:
     for name, dt, job in task_calls:
         per_task[name].append(dt - job)
 
+    floor_s = prefect_floor(shape, project / "artifacts" / "prefect-results-floor")
+
     cmd = [sys.executable, "-m", "compaction.cli", "run", "post-train", "--params", params_file,
            *[a for o in args.overrides for a in ("--set", o)]]
     t = time.perf_counter()
@@ -187,6 +243,8 @@ def main() -> None:
               f"({calls.calls[layer]} calls, mean {1000 * calls.seconds[layer] / max(calls.calls[layer], 1):.1f} ms)")
     rest = overhead - sum(calls.seconds.values())
     print(f"    {'the rest (Prefect engine, our task code):':<46} {rest:6.1f} s = {rest / flow_s:.1%}")
+    print(f"  baseline, Prefect alone: this flow's shape with no-op tasks ({len(shape)} task runs, a subflow): "
+          f"{floor_s:.1f} s = {floor_s / flow_s:.1%} of the flow; the overhead is {overhead / floor_s:.1f}x it")
     print("    per task, ms around the job (mean x runs): " + ", ".join(
         f"{name} {1000 * sum(v) / len(v):.0f} x{len(v)}" for name, v in sorted(per_task.items(), key=lambda kv: -sum(kv[1]))))
     print(f"fully cached rerun, new process (compaction run post-train): {cached_s:.1f} s (target <= 30 s); "
