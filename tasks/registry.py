@@ -1,6 +1,7 @@
 """Registry steps of the flows: resolve the checkpoint, register RLVR and compacted checkpoints
-(the latter through the promotion gate), announce a new RLVR checkpoint. None is cached: each is a few registry
-calls, and registration is idempotent (compaction.registry: one version per checkpoint folder).
+(the latter through the promotion gate), announce a new RLVR checkpoint. None is cached: each is
+a few registry calls, and registration is idempotent (compaction.registry: one version per
+checkpoint folder).
 """
 
 from __future__ import annotations
