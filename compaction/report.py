@@ -21,8 +21,10 @@ docs/decisions.md ("Orchestration and tracking contract"):
 4. **Outputs** in ``artifacts/reports/<study>/`` (one folder renamed into place):
    ``report.md`` (the table), ``report.json`` (the ``--json`` payload), ``accuracy_vs_tokens.png``,
    ``length_histograms.png``, ``training_curves.png`` (metric histories of the ``stage=rlvr`` /
-   ``stage=opsd`` runs of the same selection), ``redundancy_map_<condition>.html`` (the last
-   round's map of each OPSD condition, from the opsd runs' ``stage_dir`` tag), all logged as
+   ``stage=opsd`` runs of the same selection, and of the runs that trained its evaluated
+   checkpoints: tag ``train_run_id``, so a fully cached rerun still shows them),
+   ``redundancy_map_<condition>.html`` (the last round's map of each OPSD condition, from the opsd
+   runs' ``stage_dir`` tag), all logged as
    artifacts ``report/`` of a run tagged ``stage=report`` (nested under the flow run reported on).
    The promotion gate (compaction/promotion.py) is evaluated for each OPSD model against the
    baseline and shown in the report; the registry is left alone here.
@@ -70,6 +72,7 @@ class EvalRun:
     eval_dir: Path
     start_time: int
     root_id: str
+    train_run_id: str | None = None  # the stage run that trained the checkpoint (tag ``train_run_id``)
 
 
 @dataclass
@@ -153,7 +156,7 @@ def select_eval_runs(client, exp, uri: str, scope: str = "latest",
         evals.append(EvalRun(
             run_id=r.info.run_id, model=tags.get("model") or r.info.run_name, condition=tags.get("condition"),
             policy_ref=tags.get("policy_ref"), eval_dir=Path(tags["eval_dir"]), start_time=r.info.start_time,
-            root_id=_root_of(r, client, cache)))
+            root_id=_root_of(r, client, cache), train_run_id=tags.get("train_run_id")))
     if parent_run_id:
         # A subflow's run (compaction inside post-train) reports on its whole flow run tree.
         parent_run_id = _root_of(client.get_run(parent_run_id), client, cache)
@@ -179,11 +182,14 @@ def select_eval_runs(client, exp, uri: str, scope: str = "latest",
 
 
 def _stage_runs(client, exp, stage: str, root: str | None, scope_runs: Iterable[EvalRun]) -> list:
-    """Finished-or-not runs of ``stage`` in the selection: under ``root``, else the latest per condition."""
+    """Finished-or-not runs of ``stage`` in the selection: those under ``root`` and those that
+    trained a selected evaluation's checkpoint (its ``train_run_id``: a stage this flow run took
+    from the cache was trained by an earlier flow run); without a root, the latest per condition."""
     runs = _search(client, exp.experiment_id, f"tags.stage = '{stage}'")
     if root is not None:
+        named = {e.train_run_id for e in scope_runs if e.train_run_id}
         cache: dict = {}
-        return [r for r in runs if _root_of(r, client, cache) == root]
+        return [r for r in runs if r.info.run_id in named or _root_of(r, client, cache) == root]
     latest: dict = {}
     for r in runs:  # newest first
         latest.setdefault(r.data.tags.get("condition") or r.data.tags.get("model") or "", r)

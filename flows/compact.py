@@ -50,7 +50,8 @@ def compaction(params: str = "params/demo.yaml", overrides: list[str] = [],  # n
             last = opsd_rounds(p, ckpt["path"], problems, condition, parent)
             model = last["checkpoint"] if last else ckpt["path"]
             evaluations[condition] = record_evaluation(p, evaluate(p, model, problems), f"opsd-{condition}",
-                                                       condition, model, parent)
+                                                       condition, model, parent,
+                                                       train_run_id=last["run_id"] if last else None)
             if last:
                 registered.append(register_compacted(p, model, last["run_id"], condition, policy_ref,
                                                       evaluations[condition], baseline, parent))

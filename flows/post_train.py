@@ -61,15 +61,18 @@ def post_train(params: str = "params/demo.yaml", overrides: list[str] = [],  # n
         base = prepare_model(p, data["problems"], data["traces"])["checkpoint"]
         if data["traces"] is None:
             raise ValueError(f"data.source={p.data.source!r} has no SFT traces; post-train needs them")
-        sft_ckpt = sft(p, base, data["traces"], parent)["checkpoint"]
-        record_evaluation(p, evaluate(p, sft_ckpt, data["problems"]), "sft", None, sft_ckpt, parent)
+        trained = sft(p, base, data["traces"], parent)
+        sft_ckpt = trained["checkpoint"]
+        record_evaluation(p, evaluate(p, sft_ckpt, data["problems"]), "sft", None, sft_ckpt, parent,
+                          train_run_id=trained["run_id"])
 
         last = rlvr_rounds(p, sft_ckpt, data["problems"], parent)
         rlvr_ckpt = last["checkpoint"] if last else sft_ckpt
         registered = register_rlvr(p, rlvr_ckpt, last["run_id"] if last else None, sft_ckpt, parent)
         # Evaluate the registered copy: the path compaction resolves models:/rlvr/N to, so its
         # baseline evaluation is this one, from the cache.
-        record_evaluation(p, evaluate(p, registered["path"], data["problems"]), "rlvr", None, registered["uri"], parent)
+        record_evaluation(p, evaluate(p, registered["path"], data["problems"]), "rlvr", None, registered["uri"], parent,
+                          train_run_id=last["run_id"] if last else None)
         announced = announce_checkpoint(registered, return_state=True)
         wait_until_recorded(announced.state_details.task_run_id)
         result = compaction(params=params, overrides=overrides, checkpoint=registered["uri"], conditions=conditions)

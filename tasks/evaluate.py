@@ -5,7 +5,7 @@ section, the rollout fields the engine reads, ``grading``, the checkpoint and th
 what the checkpoint is called, so the RLVR checkpoint evaluated as ``rlvr`` and as
 ``opsd-baseline`` is sampled once. ``record_evaluation`` (never cached) logs the result as a
 nested MLflow run of *this* flow run with the contract's tags (``stage=eval``, ``model``,
-``condition``, ``policy_ref``, ``eval_dir``) and the ``eval/<bench>/<name>`` metrics, so every
+``condition``, ``policy_ref``, ``eval_dir``, ``train_run_id``) and the ``eval/<bench>/<name>`` metrics, so every
 flow run, also a fully cached one, holds the rows a report compares.
 """
 
@@ -57,9 +57,11 @@ def evaluate(params: Params, checkpoint: str, problems: str | None) -> dict:
 
 @task(name="record_evaluation", cache_policy=NO_CACHE, task_run_name="record_evaluation-{model}")
 def record_evaluation(params: Params, result: dict, model: str, condition: str | None, policy_ref: str,
-                      parent_run_id: str | None) -> dict:
+                      parent_run_id: str | None, train_run_id: str | None = None) -> dict:
     """Log an evaluation as the nested run ``eval-<model>`` of the flow's MLflow run; returns
-    ``{"run_id", "metrics"}`` (metrics ``eval/<bench>/<name>``)."""
+    ``{"run_id", "metrics"}`` (metrics ``eval/<bench>/<name>``). ``train_run_id``: the stage run
+    that trained the checkpoint (tag ``train_run_id``), from an earlier flow run when the stage
+    was cached in this one, so the report still finds its training curves."""
     from compaction import tracking
     from tasks.base import section_payload
 
@@ -68,6 +70,8 @@ def record_evaluation(params: Params, result: dict, model: str, condition: str |
             "git_commit": git_commit()}
     if condition:
         tags["condition"] = condition
+    if train_run_id:
+        tags["train_run_id"] = train_run_id
     with tracking.start_run(params.tracking, f"eval-{model}", nested=True, tags=tags,
                             parent_run_id=parent_run_id) as run:
         tracking.log_params(section_payload(params, ("eval",)), metrics=metrics)  # one log_batch

@@ -174,6 +174,12 @@ def test_second_run_with_the_same_inputs_executes_no_job(project):
     evaluations = result["compaction"]["evaluations"]
     assert {v.tags["condition"]: v.tags["eval_run_id"] for v in registry.list_versions(params.tracking, "compacted")} \
         == {c: evaluations[c]["run_id"] for c in ("all", "correct", "incorrect")}
+    # Its report, which replaces the first one, still has the training curves and redundancy maps:
+    # its evaluations name the earlier flow run's training runs (tag train_run_id).
+    report_dir = Path(result["compaction"]["report"]["out_dir"])
+    assert (report_dir / "training_curves.png").is_file()
+    assert {p.name for p in report_dir.glob("redundancy_map_*.html")} == {
+        f"redundancy_map_{c}.html" for c in ("all", "correct", "incorrect")}
 
 
 def test_changed_opsd_lr_reruns_opsd_and_its_evaluation_only(project):
