@@ -5,8 +5,8 @@ section, the rollout fields the engine reads, ``grading``, the checkpoint and th
 what the checkpoint is called, so the RLVR checkpoint evaluated as ``rlvr`` and as
 ``opsd-baseline`` is sampled once. ``record_evaluation`` (never cached) logs the result as a
 nested MLflow run of *this* flow run with the contract's tags (``stage=eval``, ``model``,
-``condition``, ``policy_ref``, ``eval_dir``, ``train_run_id``) and the ``eval/<bench>/<name>`` metrics, so every
-flow run, also a fully cached one, holds the rows a report compares.
+``condition``, ``policy_ref``, ``eval_dir``, ``train_run_id``) and the ``eval/<bench>/<name>``
+metrics, so every flow run, also a fully cached one, holds the rows a report compares.
 """
 
 from __future__ import annotations
