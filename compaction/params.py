@@ -209,6 +209,10 @@ class RLVRParams(Section):
     overlong_buffer: int = Field(32, ge=0, description="Soft penalty ramp length in tokens (overlong=penalty).")
     temperature: float = Field(1.0, gt=0)
     max_new_tokens: int = Field(256, ge=1)
+    save_every: int = Field(
+        10, ge=1, description="Write a resumable checkpoint (weights, optimizer, RNG, round index) every N "
+        "rounds and after the last; does not change the result, so not part of the cache key.")
+    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept; older ones are deleted.")
     seed: int = Field(0)
 
 
@@ -218,8 +222,22 @@ class OPSDParams(Section):
         default_factory=lambda: ["baseline", "all", "correct", "incorrect"],
         description="Which rollouts enter the loss; `baseline` = no training (the RLVR checkpoint).",
     )
-    unit: Literal["rollout", "group"] = Field("rollout", description="Select rollouts by own verdict, or by group.")
-    group_threshold: float = Field(0.5, ge=0, le=1, description="Group pass rate needed when unit = group.")
+    unit: Literal["pool", "rollout", "group"] = Field(
+        "pool", description="What the condition selects. `pool` (the design card's DAG): prompts, once, before "
+        "OPSD: the checkpoint is sampled `group_samples` times per prompt (rollout grading), and `correct` keeps "
+        "the prompts whose pass rate is >= `group_threshold`, `incorrect` those below it, `all` every prompt "
+        "(group filtering); every on-policy rollout of a pool prompt then enters the loss. `rollout`: each "
+        "round's rollouts by their own verdict; `group`: each round's groups by their pass rate (both over "
+        "every prompt).")
+    group_threshold: float = Field(
+        0.5, ge=0, le=1, description="Pass rate a prompt (unit = pool) or a round's group (unit = group) needs to "
+        "count as correct.")
+    group_samples: int = Field(
+        4, ge=1, description="Samples per prompt of the checkpoint in rollout grading (unit = pool): the pass "
+        "rate that group filtering reads.")
+    pool_prompts: int | None = Field(
+        512, ge=1, description="Training prompts that rollout grading samples (a seeded choice; None = the whole "
+        "train split): the candidates of every condition's pool.")
     teacher: Literal["frozen", "live", "ema"] = Field("frozen", description="Teacher weights.")
     ema_decay: float = Field(0.99, gt=0, lt=1)
     context: Literal["solution", "answer", "template"] = Field("solution", description="Privileged context.")
@@ -244,6 +262,10 @@ class OPSDParams(Section):
     lora: bool = Field(False, description="Train a LoRA adapter (peft); the frozen teacher is the base.")
     lora_rank: int = Field(16, ge=1)
     redundancy_map_samples: int = Field(8, ge=0, description="Rollouts whose per-token divergences are saved.")
+    save_every: int = Field(
+        10, ge=1, description="Write a resumable checkpoint (weights, optimizer, RNG, EMA teacher, round index) "
+        "every N rounds and after the last; not part of the cache key.")
+    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept; older ones are deleted.")
     seed: int = Field(0)
 
     @model_validator(mode="after")
@@ -322,6 +344,14 @@ class LauncherParams(Section):
     )
     accelerate_config: str | None = Field(None, description="Path to an accelerate config (params/accelerate/*.yaml).")
     num_processes: int = Field(1, ge=1)
+    max_concurrent_jobs: int = Field(
+        1, ge=1, description="Jobs (training, evaluation, rollout grading) that run at once, across the flows of "
+        "one Prefect server: the slots of the global concurrency limit `compaction-jobs`. The condition "
+        "branches of a flow are submitted together and wait for a slot. 1 on a CPU machine (a job uses "
+        "every core); on a node of 8 GPUs, 8 / devices_per_job.")
+    devices_per_job: int | None = Field(
+        None, ge=1, description="GPUs each concurrent job gets (CUDA_VISIBLE_DEVICES, launcher.kind = "
+        "accelerate); None = every visible GPU, for one job at a time.")
 
 
 class RegistryParams(Section):

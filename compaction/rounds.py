@@ -1,8 +1,20 @@
-"""What the round-based stages (RLVR, OPSD) share: round folders, each round's problems, and
-on-policy generation that does not depend on the process layout.
+"""What the round-based stages (RLVR, OPSD) share: the stage loop with its checkpoints, round
+records, each round's problems, and on-policy generation that does not depend on the process layout.
 
-A round is a pure function of (previous round's folder, round index, params): it lives in
-``<out>/round-XXXX/`` and a restart begins at the first round without ``metrics.json``.
+**A stage is one job** (:func:`run_stage`): the policy, optimizer, teacher or reference and the
+grader are set up once, then every round runs in the same process(es). A stage folder holds
+
+- ``round-XXXX/``: each round's record (its Parquet files and ``metrics.json``, written last),
+  written atomically; kilobytes, never a model;
+- ``checkpoints/step-XXXXXXXX/`` (step = rounds done): accelerate state (weights, optimizer, every
+  RNG), the stage's extras (an EMA teacher) and ``trainer_state.json``; written every
+  ``save_every`` rounds and after the last one, the newest ``keep_checkpoints`` kept;
+- ``final/``: the stage's output, one HF ``save_pretrained`` folder, written at the end;
+- ``timings.json``: seconds of setup, each checkpoint and the final save (bench/scaling.py).
+
+A killed job, restarted with the same command, resumes from its newest complete checkpoint and
+redoes the rounds after it (their records are rewritten): the same weights, bitwise, as a run
+that was never killed, because every round's randomness comes from seeds and restored RNG state.
 
 Generation: the round's prompts are cut into fixed chunks, each sampled with its own seed
 (:func:`chunk_seed`), and chunks are dealt to processes round-robin. So 1 and N processes
@@ -12,14 +24,24 @@ draw exactly the same rollouts, and a global loss normalisation then gives the s
 from __future__ import annotations
 
 import hashlib
+import json
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
 from compaction.data import ROLLOUT_COLUMNS
+from compaction.artifacts import atomic_path
+from compaction.logs import get_logger
 from compaction.rollout import HFEngine, Sampling, generate_rollouts
+from compaction.training import latest_checkpoint, save_checkpoint
+
+#: The stage's output folder (HF ``save_pretrained``); its config.json marks a finished stage.
+FINAL_DIR = "final"
+TIMINGS_FILE = "timings.json"
 
 #: The file whose presence marks a completed round (written last, inside the atomic folder).
 ROUND_DONE = "metrics.json"
@@ -33,22 +55,117 @@ def round_completed(out: Path, round_: int) -> bool:
     return (round_dir(out, round_) / ROUND_DONE).is_file()
 
 
-def model_ref_of(ref: str) -> str:
-    """The HF checkpoint behind ``ref``: a round folder's ``model/``, or ``ref`` itself."""
-    return str(Path(ref) / "model") if (Path(ref) / "model").is_dir() else ref
+def final_dir(out: Path) -> Path:
+    return Path(out) / FINAL_DIR
+
+
+def stage_finished(out: Path) -> bool:
+    return (final_dir(out) / "config.json").is_file()
+
+
+def rounds_policy_ref(out: Path, rounds_done: int) -> str:
+    """What the rollouts' ``policy_ref`` names: the stage's policy after ``rounds_done`` rounds
+    (held in memory; a checkpoint of it exists only every ``save_every`` rounds)."""
+    return f"{out}@{rounds_done}"
+
+
+class RoundStage:
+    """A round-based stage inside one job. Subclasses set ``self.acc``, ``self.wrapped`` (the
+    prepared module whose weights are the policy) and ``self.tokenizer`` in :meth:`setup`, and
+    implement :meth:`round` and :meth:`save_final`; :meth:`save_extra` / :meth:`load_extra` add
+    what a checkpoint needs beyond the accelerate state (the EMA teacher)."""
+
+    def __init__(self, out: Path, keep_checkpoints: int):
+        self.out, self.keep = Path(out), keep_checkpoints
+        self.timings: dict[str, Any] = {"setup": 0.0, "resume": 0.0, "checkpoints": [], "final": 0.0}
+
+    def setup(self) -> None:
+        raise NotImplementedError
+
+    def round(self, k: int) -> dict[str, float]:
+        """Round ``k``: rollouts -> grade -> (select ->) update -> record; returns its metrics."""
+        raise NotImplementedError
+
+    def save_final(self, path: Path) -> None:
+        raise NotImplementedError
+
+    def save_extra(self, tmp: Path) -> None:
+        pass
+
+    def load_extra(self, checkpoint: Path) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def resume(self) -> int:
+        """Restore the newest complete checkpoint; returns the rounds it has done (0: none)."""
+        ckpt = latest_checkpoint(self.out)
+        if ckpt is None:
+            return 0
+        self.acc.load_state(str(ckpt / "state"))
+        self.load_extra(ckpt)
+        return int(json.loads((ckpt / "trainer_state.json").read_text())["step"])
+
+    def checkpoint(self, rounds_done: int) -> Path:
+        return save_checkpoint(self.acc, self.wrapped, self.tokenizer, self.out, {"step": rounds_done},
+                               keep=self.keep, hf_model=False, extra=self.save_extra)
+
+
+def run_stage(stage: RoundStage, rounds: int, save_every: int,
+              on_round: Callable[[int, int, dict], None] | None = None) -> Path:
+    """The stage loop: setup once, resume, ``rounds`` rounds with a checkpoint every ``save_every``
+    rounds and after the last, then the final folder. ``on_round(done, rounds, metrics)`` after
+    each round (the task's progress artifact). A finished stage returns at once."""
+    if stage_finished(stage.out):
+        return final_dir(stage.out)
+    t0 = time.perf_counter()
+    try:
+        stage.setup()
+        t1 = time.perf_counter()
+        start = stage.resume()
+        stage.timings.update(setup=t1 - t0, resume=time.perf_counter() - t1, resumed_at=start)
+        if start:
+            get_logger().info("%s: resumed from its checkpoint after %d of %d rounds", stage.out, start, rounds)
+        for k in range(start, rounds):
+            metrics = stage.round(k)
+            done = k + 1
+            if done % save_every == 0 or done == rounds:
+                t = time.perf_counter()
+                stage.checkpoint(done)
+                stage.timings["checkpoints"].append(time.perf_counter() - t)
+            if on_round is not None:
+                on_round(done, rounds, metrics)
+        t = time.perf_counter()
+        stage.save_final(final_dir(stage.out))
+        stage.timings["final"] = time.perf_counter() - t
+        if stage.acc.is_main_process:
+            with atomic_path(stage.out / TIMINGS_FILE) as tmp:
+                tmp.write_text(json.dumps(stage.timings, indent=1))
+    finally:
+        stage.close()
+    return final_dir(stage.out)
 
 
 def round_problems(train: pd.DataFrame, round_: int, per_round: int, seed: int) -> pd.DataFrame:
-    """The round's prompts: walk a seeded permutation of the train split, epoch after epoch."""
+    """The round's prompts: walk a seeded permutation of the train split, epoch after epoch.
+
+    A round never holds a problem twice (a rollout's id would repeat): where the walk crosses an
+    epoch onto a problem the round already has, that one is skipped; a round of a split smaller
+    than ``per_round`` holds the whole split."""
     n = len(train)
-    idx = []
+    per_round = min(per_round, n)
+    perms: dict[int, np.ndarray] = {}
+    idx: list[int] = []
     pos = round_ * per_round
     while len(idx) < per_round:
         epoch, off = divmod(pos, n)
-        perm = np.random.default_rng([seed, epoch]).permutation(n)
-        take = min(per_round - len(idx), n - off)
-        idx += perm[off: off + take].tolist()
-        pos += take
+        if epoch not in perms:
+            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
+        i = int(perms[epoch][off])
+        pos += 1
+        if i not in idx:
+            idx.append(i)
     return train.iloc[idx].reset_index(drop=True)
 
 

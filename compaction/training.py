@@ -1,9 +1,9 @@
 """Pieces the training jobs (SFT, RLVR, OPSD) share: accelerator, schedule, batches, checkpoints.
 
-Checkpoints are folders ``<out>/checkpoints/step-XXXXXXXX/`` holding ``model/`` (HF
-``save_pretrained``: loadable as a checkpoint on its own), ``state/`` (accelerate
-``save_state``: optimizer, scheduler, RNG of every process) and ``trainer_state.json``
-(step, data position). Each is written under a temporary name and renamed into place by the
+Checkpoints are folders ``<out>/checkpoints/step-XXXXXXXX/`` holding ``state/`` (accelerate
+``save_state``: weights, optimizer, scheduler, RNG of every process), ``trainer_state.json``
+(step, data position; for the round stages, step = rounds done) and, for SFT, ``model/`` (HF
+``save_pretrained``: loadable as a checkpoint on its own). Each is written under a temporary name and renamed into place by the
 main process, so a killed job leaves only complete checkpoints; resume takes the latest.
 """
 
@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -108,12 +108,21 @@ def collective_atomic_dir(accelerator, final: Path) -> Iterator[Path]:
     accelerator.wait_for_everyone()
 
 
-def save_checkpoint(accelerator, wrapped, tokenizer, out_dir: Path, state: dict, keep: int = 2) -> Path:
-    """Save model (HF format), accelerate state and trainer state, atomically; keep the last ``keep``."""
+def save_checkpoint(accelerator, wrapped, tokenizer, out_dir: Path, state: dict, keep: int = 2,
+                    hf_model: bool = True, extra: Callable[[Path], None] | None = None) -> Path:
+    """Save accelerate state (weights, optimizer, scheduler, every process's RNG), the trainer
+    state and, with ``hf_model``, an HF ``model/`` folder, atomically; keep the newest ``keep``.
+
+    ``extra(tmp)`` writes what else a resume needs (an EMA teacher), inside the same atomic folder.
+    ``trainer_state.json`` is written last: a folder without it is not a checkpoint.
+    """
     final = out_dir / "checkpoints" / f"step-{state['step']:08d}"
     with collective_atomic_dir(accelerator, final) as tmp:
         accelerator.save_state(str(tmp / "state"))
-        save_hf_model(accelerator, wrapped, tokenizer, tmp / "model")
+        if hf_model:
+            save_hf_model(accelerator, wrapped, tokenizer, tmp / "model")
+        if extra is not None:
+            extra(tmp)
         if accelerator.is_main_process:
             (tmp / "trainer_state.json").write_text(json.dumps(state))
     if accelerator.is_main_process:

@@ -2,8 +2,17 @@
 when Prefect loads it as a script): from an RLVR checkpoint to evaluated, registered, compacted models.
 
     checkpoint (path | models:/ URI, default models:/rlvr@latest) -> evaluate (opsd-baseline)
-    per condition: OPSD rounds -> evaluate -> register a `compacted` version (tag condition)
-    through the promotion gate (compacted@candidate on a pass) -> report (artifacts/reports/<study>/)
+    -> rollout grading (the checkpoint x opsd.group_samples on the OPSD prompts)
+    -> group filtering (a prompt pool per condition)
+    -> per condition, the branches submitted together: OPSD (one job, every round) -> evaluate
+       -> register a `compacted` version (tag condition) through the promotion gate
+       (compacted@candidate on a pass)
+    -> report (artifacts/reports/<study>/)
+
+Rollout grading and group filtering run with ``opsd.unit: pool`` (the default); with ``rollout`` or
+``group`` each OPSD round selects among its own rollouts instead, over every prompt. The branches
+run in threads of this flow run; each job holds a slot of the ``compaction-jobs`` concurrency
+limit (``launcher.max_concurrent_jobs``, 1 on CPU), so they overlap only where the machine has room.
 
 Deployments ``opsd-correct``, ``opsd-all``, ``opsd-incorrect`` (prefect.yaml) run it with one
 condition each; ``opsd-correct`` is triggered by ``rlvr.checkpoint.landed``.
@@ -11,15 +20,32 @@ condition each; ``opsd-correct`` is triggered by ``rlvr.checkpoint.landed``.
 
 from __future__ import annotations
 
+import contextvars
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Sequence
+
 from prefect import flow
 
 from compaction.selection import CONDITIONS
-from tasks.base import flow_run, load_flow_params
 from tasks.data import prepare_data
 from tasks.evaluate import evaluate, record_evaluation
-from tasks.opsd import opsd_rounds
+from tasks.launch import ensure_job_limit
+from tasks.opsd import opsd
+from tasks.pools import group_filtering, rollout_grading
 from tasks.registry import register_compacted, resolve_checkpoint
 from tasks.report import report
+from tasks.runs import flow_run, load_flow_params
+
+
+def run_branches(branch: Callable[[str], Any], conditions: Sequence[str]) -> list[Any]:
+    """``branch(c)`` for every condition, submitted together (threads sharing this flow run's
+    context: its Prefect flow run and MLflow parent run); results in the conditions' order. The
+    first failure is raised after every branch has ended."""
+    if len(conditions) <= 1:
+        return [branch(c) for c in conditions]
+    with ThreadPoolExecutor(max_workers=len(conditions), thread_name_prefix="condition") as pool:
+        futures = [pool.submit(contextvars.copy_context().run, branch, c) for c in conditions]
+    return [f.result() for f in futures]
 
 
 def check_conditions(conditions: list[str] | None, default: list[str]) -> list[str]:
@@ -37,6 +63,7 @@ def compaction(params: str = "params/demo.yaml", overrides: list[str] = [],  # n
                checkpoint: str | None = None, conditions: list[str] | None = None) -> dict:
     p = load_flow_params(params, overrides)
     chosen = check_conditions(conditions, p.opsd.conditions)
+    ensure_job_limit(p)
     with flow_run(p, "compaction") as parent:
         ckpt = resolve_checkpoint(p, checkpoint)
         policy_ref = ckpt["version_uri"] or ckpt["path"]  # what the runs' policy_ref tags name
@@ -45,16 +72,26 @@ def compaction(params: str = "params/demo.yaml", overrides: list[str] = [],  # n
         # The comparison point: the checkpoint as OPSD finds it (condition `baseline`).
         baseline = record_evaluation(p, evaluate(p, ckpt["path"], problems), "opsd-baseline", "baseline",
                                      policy_ref, parent)
-        evaluations, registered = {"baseline": baseline}, []
-        for condition in (c for c in chosen if c != "baseline"):
-            last = opsd_rounds(p, ckpt["path"], problems, condition, parent)
-            model = last["checkpoint"] if last else ckpt["path"]
-            evaluations[condition] = record_evaluation(p, evaluate(p, model, problems), f"opsd-{condition}",
-                                                       condition, model, parent,
-                                                       train_run_id=last["run_id"] if last else None)
-            if last:
-                registered.append(register_compacted(p, model, last["run_id"], condition, policy_ref,
-                                                      evaluations[condition], baseline, parent))
+        training = [c for c in chosen if c != "baseline"]
+        pools: dict[str, str | None] = {c: None for c in training}
+        if training and p.opsd.unit == "pool" and p.opsd.rounds > 0:
+            graded = rollout_grading(p, ckpt["path"], problems, parent)
+            pools = {c: group_filtering(p, graded["grades"], c)["pool"] for c in training}
+
+        def branch(condition: str) -> tuple[dict, dict | None]:
+            trained = opsd(p, ckpt["path"], problems, condition, pools[condition], parent)
+            model = trained["checkpoint"]
+            evaluation = record_evaluation(p, evaluate(p, model, problems), f"opsd-{condition}", condition, model,
+                                           parent, train_run_id=trained["run_id"])
+            registered = None
+            if trained["run_id"]:
+                registered = register_compacted(p, model, trained["run_id"], condition, policy_ref, evaluation,
+                                                baseline, parent)
+            return evaluation, registered
+
+        results = run_branches(branch, training)
+        evaluations = {"baseline": baseline, **{c: ev for c, (ev, _) in zip(training, results)}}
+        registered = [r for _, r in results if r is not None]
         summary = report(p, parent)
         return {"checkpoint": ckpt, "evaluations": evaluations, "registered": registered, "report": summary,
                 "mlflow_run_id": parent}

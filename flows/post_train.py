@@ -1,12 +1,11 @@
-"""Flow ``post-train``: data -> base model -> SFT -> RLVR rounds -> register -> compaction.
+"""Flow ``post-train``: data -> base model -> SFT -> RLVR -> register -> compaction.
 
     prepare_data -> prepare_model -> sft -> evaluate (sft)
-    -> rlvr rounds -> register models:/rlvr/N (alias latest) -> evaluate (rlvr)
+    -> rlvr (one job, every round) -> register models:/rlvr/N (alias latest) -> evaluate (rlvr)
     -> emit rlvr.checkpoint.landed -> compaction(checkpoint=models:/rlvr/N) as a subflow
 
 Every stage is a cached task: a rerun after a crash takes completed stages from the cache, and
-the RLVR loop starts at its last completed round (a cache hit) and continues with the first
-missing one (``tasks.base.call_rounds``).
+relaunches the stage that was running, whose job resumes from its newest checkpoint.
 """
 
 from __future__ import annotations
@@ -17,11 +16,12 @@ from uuid import UUID
 from prefect import flow
 
 from flows.compact import check_conditions, compaction
-from tasks.base import flow_run, load_flow_params
+from tasks.runs import flow_run, load_flow_params
 from tasks.data import prepare_data, prepare_model
 from tasks.evaluate import evaluate, record_evaluation
 from tasks.registry import announce_checkpoint, register_rlvr
-from tasks.rlvr import rlvr_rounds
+from tasks.launch import ensure_job_limit
+from tasks.rlvr import rlvr
 from tasks.sft import sft
 
 
@@ -56,6 +56,7 @@ def post_train(params: str = "params/demo.yaml", overrides: list[str] = [],  # n
                conditions: list[str] | None = None) -> dict:
     p = load_flow_params(params, overrides)
     check_conditions(conditions, p.opsd.conditions)  # fail before training, not after
+    ensure_job_limit(p)
     with flow_run(p, "post-train") as parent:
         data = prepare_data(p, parent)
         base = prepare_model(p, data["problems"], data["traces"])["checkpoint"]
@@ -66,13 +67,13 @@ def post_train(params: str = "params/demo.yaml", overrides: list[str] = [],  # n
         record_evaluation(p, evaluate(p, sft_ckpt, data["problems"]), "sft", None, sft_ckpt, parent,
                           train_run_id=trained["run_id"])
 
-        last = rlvr_rounds(p, sft_ckpt, data["problems"], parent)
-        rlvr_ckpt = last["checkpoint"] if last else sft_ckpt
-        registered = register_rlvr(p, rlvr_ckpt, last["run_id"] if last else None, sft_ckpt, parent)
+        trained_rlvr = rlvr(p, sft_ckpt, data["problems"], parent)
+        rlvr_ckpt = trained_rlvr["checkpoint"]
+        registered = register_rlvr(p, rlvr_ckpt, trained_rlvr["run_id"], sft_ckpt, parent)
         # Evaluate the registered copy: the path compaction resolves models:/rlvr/N to, so its
         # baseline evaluation is this one, from the cache.
         record_evaluation(p, evaluate(p, registered["path"], data["problems"]), "rlvr", None, registered["uri"], parent,
-                          train_run_id=last["run_id"] if last else None)
+                          train_run_id=trained_rlvr["run_id"])
         announced = announce_checkpoint(registered, return_state=True)
         wait_until_recorded(announced.state_details.task_run_id)
         result = compaction(params=params, overrides=overrides, checkpoint=registered["uri"], conditions=conditions)

@@ -13,7 +13,7 @@ from prefect.deployments import run_deployment
 from prefect.variables import Variable
 
 from compaction.registry import list_versions
-from tasks.base import load_flow_params
+from tasks.runs import load_flow_params
 
 LAST_SEEN = "rlvr-last-seen-version"
 

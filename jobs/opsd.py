@@ -18,29 +18,32 @@ student under no_grad, `ema` = an exponential average of the student, updated af
 optimizer step. With `opsd.lora` only a LoRA adapter trains, and the frozen teacher is the same
 model with the adapter disabled.
 
-A round is a pure function of (previous round's folder, round index, params): ``<out>/round-XXXX/``
-holds rollouts.parquet, grades.parquet, selected.parquet, redundancy_map.parquet, metrics.json,
-``model/`` (HF checkpoint; LoRA merged in), ``state/`` (optimizer, RNG), and ``teacher/`` (ema) or
-``adapter/`` (LoRA). Each folder is written under a temporary name and renamed into place, so a
-killed job restarts at the first missing round. Generation is layout-independent as in RLVR
-(compaction/rounds.py), and the loss is normalised by the global token count, so 1 and N
-processes take the same step.
+The stage is one job (compaction/rounds.py): the student, optimizer, teacher and grading workers
+are set up once, then every round runs in this process. ``<out>/round-XXXX/`` gets the round's
+record (rollouts, grades, selected and redundancy_map Parquet, metrics.json), ``<out>/checkpoints/``
+a resumable checkpoint (accelerate state, the EMA teacher) every ``opsd.save_every`` rounds, and
+``<out>/final/`` the trained model at the end (LoRA merged in; the adapter alone in
+``final/adapter/``). A killed job, restarted with the same command, resumes from its newest
+checkpoint. With ``--pool`` (unit `pool`: group filtering's Parquet of prompts) the rounds draw
+their prompts from that pool only. Generation is layout-independent as in RLVR, and the loss is
+normalised by the global token count, so 1 and N processes take the same step.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 import json
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
+import safetensors.torch
 
 from compaction.artifacts import read_parquet, write_parquet
-from compaction.data import load_problems
+from compaction.data import GRADE_COLUMNS, load_problems
 from compaction.distillation import (
     DistillationStudent, Pair, add_lora, build_pairs, check_context, check_solutions, ema_update, lora_scalings,
     merged_lora_weights, pack_pairs, response_hidden, teacher_prompt,
@@ -52,67 +55,83 @@ from compaction.model import load_model, load_tokenizer
 from compaction.params import Params
 from compaction.redundancy_map import MAP_FILE, choose_rollouts, map_frame
 from compaction.rounds import (
-    gather_frames, generate_round_rollouts, model_ref_of, round_completed, round_dir, round_problems,
+    RoundStage, gather_frames, generate_round_rollouts, round_dir, round_problems, rounds_policy_ref, run_stage,
 )
 from compaction.scoring import causal_lm, lm_head_weight
-from compaction.selection import CONDITIONS, select_rollouts
+from compaction.selection import CONDITIONS, SELECTED_COLUMNS, select_rollouts
 from compaction.tracking import log_metrics_if_active
 from compaction.training import collective_atomic_dir, make_accelerator, micro_batches, save_hf_model
 from jobs.common import params_from, parse, parser
 
+#: The EMA teacher's weights in a checkpoint (the frozen teacher is the starting policy).
+TEACHER_FILE = "ema_teacher.safetensors"
 
-class OPSDRound:
-    """One round: setup -> rollouts -> grade -> select -> update -> save."""
 
-    def __init__(self, params: Params, prev_ref: str, policy_ref: str, problems_path: str, out: Path, round_: int,
-                 condition: str):
+class OPSDStage(RoundStage):
+    """setup (once) -> per round: rollouts -> grade -> select -> update -> record -> (checkpoint) -> final."""
+
+    def __init__(self, params: Params, policy_ref: str, problems_path: str, out: Path, condition: str,
+                 pool_path: str | None = None, grader: Grader | None = None):
+        super().__init__(out, params.opsd.keep_checkpoints)
         self.p, self.cfg = params, params.opsd
-        self.prev_ref, self.policy_ref, self.problems_path = prev_ref, policy_ref, problems_path
-        self.out, self.round, self.condition = out, round_, condition
+        self.policy_ref, self.problems_path, self.pool_path = policy_ref, problems_path, pool_path
+        self.condition = condition
         self.log = get_logger()
-        self.grader: Grader | None = None  # running workers shared by the job's rounds
+        self.grader = grader  # running workers shared with the caller's other jobs; None: our own
+        self._stack = ExitStack()
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg = self.cfg
         self.acc = acc = make_accelerator()
-        self.tokenizer = load_tokenizer(model_ref_of(self.prev_ref))
-        if cfg.lora:
-            # The base is the starting policy in every round; the adapter's weights (and the
-            # optimizer) come back with the previous round's state below.
-            model = add_lora(self._load(self.policy_ref), cfg.lora_rank)
-        else:
-            model = self._load(model_ref_of(self.prev_ref))
+        self.tokenizer = load_tokenizer(self.policy_ref)
+        model = self._load(self.policy_ref)
+        if cfg.lora:  # the base is the starting policy; only the adapter trains
+            model = add_lora(model, cfg.lora_rank)
         student = DistillationStudent(model, cfg.divergence, cfg.beta, cfg.temperature, cfg.clip,
                                       backend=self.p.model.kernel_backend)
         trainable = [p for p in student.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
         self.student, self.optimizer = acc.prepare(student, optimizer)
-        state = Path(self.prev_ref) / "state"
-        if state.is_dir():  # continue the optimizer (and RNG) of the previous round
-            acc.load_state(str(state))
+        self.wrapped = self.student
         self.teacher = self._load_teacher()
         train = load_problems(self.problems_path, "train")
         self.train = train.drop_duplicates("problem_id").set_index("problem_id", drop=False)
-        self.problems = round_problems(train, self.round, cfg.prompts_per_round, cfg.seed)
+        self.prompts = train if self.pool_path is None else pool_prompts(train, self.pool_path)
+        if self.prompts.empty:
+            self.log.warning("opsd [%s]: the prompt pool %s is empty: every round is empty, the model unchanged",
+                             self.condition, self.pool_path)
         self._teacher_prompts: dict[str, str] = {}
+        if self.grader is None:
+            self.grader = self._stack.enter_context(Grader(self.p.grading.workers, self.p.grading.timeout_s))
+
+    def close(self) -> None:
+        self._stack.close()
 
     def _load(self, ref: str):
         return load_model(ref, dtype="float32", device=self.acc.device,
                           attn_implementation=self.p.model.attn_implementation)
 
     def _load_teacher(self):
-        """A teacher model of its own (frozen, ema), or None when the teacher is the student's
-        own weights (live; frozen with LoRA: the adapter disabled)."""
+        """A teacher model of its own (frozen; ema, starting from the policy), or None when the
+        teacher is the student's own weights (live; frozen with LoRA: the adapter disabled)."""
         cfg = self.cfg
         if cfg.teacher == "live" or (cfg.teacher == "frozen" and cfg.lora):
             return None
-        ref = self.policy_ref
-        if cfg.teacher == "ema" and self.round > 0:
-            ref = str(Path(self.prev_ref) / "teacher")
-            if not Path(ref).is_dir():
-                raise FileNotFoundError(f"{ref}: the previous round's EMA teacher is missing (opsd.teacher=ema)")
-        return self._load(ref).eval().requires_grad_(False)
+        return self._load(self.policy_ref).eval().requires_grad_(False)
+
+    # ----------------------------------------------------------- checkpoint
+    def save_extra(self, tmp: Path) -> None:
+        """The EMA teacher, which no accelerate state holds."""
+        if self.cfg.teacher == "ema" and self.acc.is_main_process:
+            safetensors.torch.save_model(self.teacher, str(tmp / TEACHER_FILE))  # tied weights: save_model
+
+    def load_extra(self, checkpoint: Path) -> None:
+        if self.cfg.teacher == "ema":
+            path = checkpoint / TEACHER_FILE
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: the checkpoint's EMA teacher is missing (opsd.teacher=ema)")
+            safetensors.torch.load_model(self.teacher, str(path), device=str(self.acc.device))
 
     @property
     def policy(self):
@@ -126,23 +145,43 @@ class OPSDRound:
                                                             self.p.model.enable_thinking)
         return self._teacher_prompts
 
+    # ---------------------------------------------------------------- round
+    def round(self, k: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        problems = (round_problems(self.prompts, k, self.cfg.prompts_per_round, self.cfg.seed) if len(self.prompts)
+                    else self.prompts)
+        rollouts = self.rollouts(problems, k)
+        t1 = time.perf_counter()
+        grades = self.grade(rollouts, problems)
+        selected = self.select(rollouts, grades)
+        t2 = time.perf_counter()
+        stats, divergences = self.update(rollouts, selected, k)
+        t3 = time.perf_counter()
+        stats.update({"opsd/generate_seconds": t1 - t0, "opsd/grade_seconds": t2 - t1,
+                      "opsd/update_seconds": t3 - t2, "opsd/rollout_seconds": t2 - t0, "opsd/seconds": t3 - t0})
+        return self.record(k, rollouts, grades, selected, stats, divergences)
+
     # ------------------------------------------------------------- rollouts
-    def rollouts(self) -> pd.DataFrame:
+    def rollouts(self, problems: pd.DataFrame, k: int) -> pd.DataFrame:
         cfg = self.cfg
         return generate_round_rollouts(
-            self.acc, causal_lm(self.policy), self.tokenizer, self.problems,
+            self.acc, causal_lm(self.policy), self.tokenizer, problems,
             samples_per_prompt=cfg.samples_per_prompt, temperature=cfg.sample_temperature,
-            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, round_=self.round, policy_ref=self.prev_ref,
+            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, round_=k, policy_ref=rounds_policy_ref(self.out, k),
             enable_thinking=self.p.model.enable_thinking, batch_size=self.p.rollout.batch_size,
-            decoder=self.p.rollout.hf_decoder, desc=f"opsd round {self.round} rollouts")
+            decoder=self.p.rollout.hf_decoder, desc=f"opsd round {k} rollouts")
 
     # ---------------------------------------------------------------- grade
-    def grade(self, rollouts: pd.DataFrame) -> pd.DataFrame:
-        return grade_rollouts(rollouts, answers=self.problems[["problem_id", "answer"]], grader=self.grader,
+    def grade(self, rollouts: pd.DataFrame, problems: pd.DataFrame) -> pd.DataFrame:
+        if rollouts.empty:  # an empty pool: nothing to grade
+            return pd.DataFrame(columns=list(GRADE_COLUMNS))
+        return grade_rollouts(rollouts, answers=problems[["problem_id", "answer"]], grader=self.grader,
                               workers=self.p.grading.workers, timeout_s=self.p.grading.timeout_s)
 
     # --------------------------------------------------------------- select
     def select(self, rollouts: pd.DataFrame, grades: pd.DataFrame) -> pd.DataFrame:
+        if rollouts.empty:
+            return pd.DataFrame(columns=list(SELECTED_COLUMNS))
         # A group's samples come from one generation chunk, so each process holds whole groups.
         return select_rollouts(rollouts, grades, self.condition, self.cfg.unit, self.cfg.group_threshold)
 
@@ -159,7 +198,7 @@ class OPSDRound:
             rows, targets = response_hidden(model, batch)
         return rows, lm_head_weight(model).detach(), targets
 
-    def update(self, rollouts: pd.DataFrame, selected: pd.DataFrame) -> tuple[dict[str, float], np.ndarray]:
+    def update(self, rollouts: pd.DataFrame, selected: pd.DataFrame, k: int) -> tuple[dict[str, float], np.ndarray]:
         """`steps_per_round` optimizer steps on the selected rollouts; returns the stats and the
         first step's per-token divergences of every process (for the metrics)."""
         cfg, acc = self.cfg, self.acc
@@ -170,7 +209,7 @@ class OPSDRound:
         stats = {"opsd/selected_rollouts": n_seqs, "opsd/selected_tokens": n_tokens, "opsd/empty_round": 0.0}
         if n_tokens == 0:
             self.log.info("opsd round %d: condition %r selected no rollout; the model is unchanged",
-                          self.round, self.condition)
+                          k, self.condition)
             return {**stats, "opsd/empty_round": 1.0, "opsd/loss": 0.0, "opsd/grad_norm": 0.0}, np.empty(0)
         trainable = [p for p in self.student.parameters() if p.requires_grad]
         batches = micro_batches(pairs, cfg.micro_batch_size)
@@ -220,20 +259,19 @@ class OPSDRound:
             return merged_lora_weights(causal_lm(self.policy).named_parameters(), lora_scalings(self.policy))
         return dict(self.policy.named_parameters())
 
-    # ----------------------------------------------------------------- save
-    def save(self, rollouts: pd.DataFrame, grades: pd.DataFrame, selected: pd.DataFrame, metrics: dict,
-             divergences: np.ndarray) -> Path:
-        acc, cfg = self.acc, self.cfg
+    # --------------------------------------------------------------- record
+    def record(self, k: int, rollouts: pd.DataFrame, grades: pd.DataFrame, selected: pd.DataFrame, metrics: dict,
+               divergences: np.ndarray) -> dict[str, float]:
+        """``round-XXXX/``: the round's Parquet files and metrics (no model), its log line and its
+        MLflow metrics (step = round)."""
+        acc = self.acc
         all_rollouts, all_grades, all_selected = gather_frames(rollouts, grades, selected)
         order = all_rollouts.sort_values(["group", "sample_index"]).index
         all_rollouts, all_grades = all_rollouts.loc[order], all_grades.loc[order]
         position = {rid: i for i, rid in enumerate(all_rollouts["rollout_id"])}
         all_selected = all_selected.sort_values("rollout_id", key=lambda s: s.map(position))
-        redundancy = self.redundancy_map(all_rollouts, all_grades)  # every process: forward passes
-        final = round_dir(self.out, self.round)
-        with collective_atomic_dir(acc, final) as tmp:
-            acc.save_state(str(tmp / "state"))
-            self._save_models(tmp)
+        redundancy = self.redundancy_map(all_rollouts, all_grades, k)  # every process: forward passes
+        with collective_atomic_dir(acc, round_dir(self.out, k)) as tmp:
             if acc.is_main_process:
                 write_parquet(all_rollouts, tmp / "rollouts.parquet")
                 write_parquet(all_grades, tmp / "grades.parquet")
@@ -242,26 +280,27 @@ class OPSDRound:
                     write_parquet(redundancy, tmp / MAP_FILE)
                 metrics.update(self._round_metrics(all_rollouts, all_grades, all_selected, divergences))
                 (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))  # last: marks the round done
-        return final
+        if acc.is_main_process:
+            _log_round(k, self.cfg.rounds, self.condition, metrics)
+        return metrics
 
-    def _save_models(self, tmp: Path) -> None:
-        acc, cfg = self.acc, self.cfg
-        if not cfg.lora:
-            save_hf_model(acc, self.student, self.tokenizer, tmp / "model")
-        else:
-            # model/ = the merged weights, so every later stage loads a plain HF checkpoint;
-            # adapter/ = the peft adapter alone (for peft / vLLM LoRA users).
+    # ----------------------------------------------------------------- save
+    def save_final(self, path: Path) -> None:
+        """``final/``: the trained model (LoRA merged in, so every later stage loads a plain HF
+        checkpoint) and, with LoRA, ``final/adapter/`` (the peft adapter alone, for peft / vLLM)."""
+        acc = self.acc
+        with collective_atomic_dir(acc, path) as tmp:
+            if not self.cfg.lora:
+                save_hf_model(acc, self.student, self.tokenizer, tmp)
+                return
             state = acc.get_state_dict(self.student)
             if acc.is_main_process:
                 merged = merged_lora_weights(state.items(), lora_scalings(self.policy))
-                causal_lm(self.policy).save_pretrained(tmp / "model", state_dict=merged, safe_serialization=True)
-                self.tokenizer.save_pretrained(tmp / "model")
+                causal_lm(self.policy).save_pretrained(tmp, state_dict=merged, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
                 self.policy.save_pretrained(tmp / "adapter")
-        if cfg.teacher == "ema" and acc.is_main_process:
-            self.teacher.save_pretrained(tmp / "teacher", safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp / "teacher")
 
-    def redundancy_map(self, rollouts: pd.DataFrame, grades: pd.DataFrame) -> pd.DataFrame | None:
+    def redundancy_map(self, rollouts: pd.DataFrame, grades: pd.DataFrame, k: int) -> pd.DataFrame | None:
         """Per-token divergences (no clip) of a fixed, seeded choice of round 0's rollouts, scored by
         this round's updated student and its teacher: the same texts in every round."""
         from kernels import linear_divergence
@@ -269,9 +308,11 @@ class OPSDRound:
         cfg = self.cfg
         if cfg.redundancy_map_samples == 0:
             return None
-        if self.round > 0:
+        if k > 0:
             first = round_dir(self.out, 0)
             rollouts, grades = read_parquet(first / "rollouts.parquet"), read_parquet(first / "grades.parquet")
+        if rollouts.empty:
+            return None
         sample = choose_rollouts(rollouts, grades, cfg.redundancy_map_samples, cfg.seed)
         pairs = build_pairs(self.tokenizer, sample, self.teacher_prompts(sample["problem_id"].unique()))
         values = []
@@ -308,12 +349,16 @@ class OPSDRound:
         }
 
 
-def check_job(params: Params, problems_path: str, condition: str) -> None:
-    """Everything that can be wrong before any work: the condition, the context template, missing
-    reference solutions (missing_solution: error), peft for LoRA, an empty train split."""
+def check_job(params: Params, problems_path: str, condition: str, pool_path: str | None = None) -> None:
+    """Everything that can be wrong before any work: the condition, a pool missing for unit `pool`
+    (or its problems outside the train split), the context template, missing reference
+    solutions (missing_solution: error), peft for LoRA, an empty train split."""
     if condition not in CONDITIONS:
         raise ValueError(f"condition: expected one of {CONDITIONS}, got {condition!r}")
     cfg = params.opsd
+    if cfg.unit == "pool" and pool_path is None and condition != "all":
+        raise ValueError(f"opsd.unit=pool: condition {condition!r} needs its prompt pool (--pool, group filtering's "
+                         "Parquet: the compaction flow writes it); or set opsd.unit=rollout to select per round")
     check_context(cfg)
     if cfg.lora:
         try:
@@ -324,53 +369,40 @@ def check_job(params: Params, problems_path: str, condition: str) -> None:
     if train.empty:
         raise ValueError(f"{problems_path}: no train split")
     check_solutions(cfg, train, problems_path)
+    if pool_path is not None:
+        pool_prompts(train, pool_path)
 
 
-def run_round(params: Params, prev_ref: str, policy_ref: str, problems_path: str, out: str | Path, round_: int,
-              condition: str, grader: Grader | None = None) -> str:
-    """Run round ``round_`` from ``prev_ref`` (the starting policy, or the previous round's folder)."""
-    out = Path(out)
-    if round_completed(out, round_):
-        return str(round_dir(out, round_))
-    t0 = time.perf_counter()
-    r = OPSDRound(params, prev_ref, policy_ref, problems_path, out, round_, condition)
-    r.grader = grader
-    r.setup()
-    rollouts = r.rollouts()
-    grades = r.grade(rollouts)
-    selected = r.select(rollouts, grades)
-    t_gen = time.perf_counter() - t0
-    stats, divergences = r.update(rollouts, selected)
-    stats["opsd/seconds"] = time.perf_counter() - t0
-    stats["opsd/rollout_seconds"] = t_gen
-    path = r.save(rollouts, grades, selected, stats, divergences)
-    if r.acc.is_main_process:
-        _log_round(round_, condition, json.loads((path / "metrics.json").read_text()))
-    return str(path)
-
-
-def _log_round(round_: int, condition: str, m: dict) -> None:
+def _log_round(k: int, rounds: int, condition: str, m: dict) -> None:
     get_logger().info(
-        "opsd round %d [%s]: acc %.3f selected %.2f%s loss %.4f div p50 %.3g p90 %.3g len %.1f trunc %.2f "
-        "epistemic %.2f/1k (%.1fs)", round_, condition, m["opsd/accuracy"], m["opsd/selected_fraction"],
+        "opsd round %d of %d [%s]: acc %.3f selected %.2f%s loss %.4f div p50 %.3g p90 %.3g len %.1f trunc %.2f "
+        "epistemic %.2f/1k (%.1fs)", k, rounds, condition, m["opsd/accuracy"], m["opsd/selected_fraction"],
         " (empty round)" if m["opsd/empty_round"] else "", m["opsd/loss"], m["opsd/divergence_p50"],
         m["opsd/divergence_p90"], m["opsd/mean_response_tokens"], m["opsd/truncation_rate"],
         m["opsd/epistemic_rate"], m["opsd/seconds"])
-    log_metrics_if_active(m, step=round_)
+    log_metrics_if_active(m, step=k)
 
 
-def run(params: Params, policy_ref: str, problems_path: str, out: str | Path, condition: str) -> str:
-    """All rounds of one condition; returns the last round's model folder (``policy_ref`` for baseline)."""
-    if condition == "baseline":
+def pool_prompts(train: pd.DataFrame, pool_path: str) -> pd.DataFrame:
+    """The train split's rows whose problem is in the pool (group filtering's Parquet)."""
+    pool = read_parquet(pool_path, required=["problem_id"])
+    unknown = sorted(set(pool["problem_id"]) - set(train["problem_id"]))
+    if unknown:
+        raise ValueError(f"{pool_path}: {len(unknown)} problem_id(s) not in the train split, e.g. {unknown[:3]}")
+    return train[train["problem_id"].isin(set(pool["problem_id"]))].drop_duplicates("problem_id") \
+        .reset_index(drop=True)
+
+
+def run(params: Params, policy_ref: str, problems_path: str, out: str | Path, condition: str,
+        pool_path: str | None = None, grader: Grader | None = None,
+        on_round: Callable[[int, int, dict], None] | None = None) -> str:
+    """Every round of one condition, resumed from the newest checkpoint in ``out``; returns
+    ``<out>/final`` (``policy_ref`` for baseline or 0 rounds)."""
+    if condition == "baseline" or params.opsd.rounds == 0:
         return policy_ref  # the comparison point: the policy as OPSD found it
-    check_job(params, problems_path, condition)
-    out = Path(out)
-    prev = policy_ref
-    # One pool of grading workers for all rounds (starting one costs ~1.8 s).
-    with Grader(params.grading.workers, params.grading.timeout_s) as grader:
-        for k in range(params.opsd.rounds):
-            prev = run_round(params, prev, policy_ref, problems_path, out, k, condition, grader)
-    return str(Path(prev) / "model") if params.opsd.rounds else policy_ref
+    check_job(params, problems_path, condition, pool_path)
+    stage = OPSDStage(params, policy_ref, problems_path, Path(out), condition, pool_path, grader)
+    return str(run_stage(stage, params.opsd.rounds, params.opsd.save_every, on_round))
 
 
 def main(argv: Sequence[str] | None = None) -> str:
@@ -379,14 +411,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     p.add_argument("--problems", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--condition", required=True, choices=CONDITIONS, help="which rollouts enter the loss")
-    p.add_argument("--round", type=int, default=None, help="run only this round (needs the previous one)")
+    p.add_argument("--pool", default=None, help="the condition's prompt pool (group filtering's Parquet)")
     args = parse(argv, p)
-    params = params_from(args)
-    if args.round is None or args.condition == "baseline":
-        return run(params, args.policy, args.problems, args.out, args.condition)
-    check_job(params, args.problems, args.condition)
-    prev = args.policy if args.round == 0 else str(round_dir(Path(args.out), args.round - 1))
-    return run_round(params, prev, args.policy, args.problems, args.out, args.round, args.condition)
+    return run(params_from(args), args.policy, args.problems, args.out, args.condition, args.pool)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
-"""Stage rlvr: GRPO-family RL with verifiable rewards, in rounds of rollouts -> grade -> update.
+"""Stage rlvr: GRPO-family RL with verifiable rewards, rounds of rollouts -> grade -> update, in one job.
 
     python -m jobs.rlvr --params params/demo.yaml --policy SFT_CKPT --problems PROBLEMS --out OUT
     accelerate launch --config_file params/accelerate/cpu-2proc.yaml -m jobs.rlvr ...   # same code
 
-A round is a pure function of (previous round's folder, round index, params), so rounds are
-the unit of caching and resume: ``<out>/round-XXXX/`` holds the round's rollouts.parquet,
-grades.parquet, metrics.json, the new policy as ``model/`` (HF checkpoint) and ``state/``
-(optimizer, RNG) that the next round resumes from. Each folder is written under a temporary
-name and renamed into place, so a killed job restarts at the first missing round.
+Setup once (policy, optimizer, the frozen reference for the k3 KL, the train split, the grading
+workers), then every round in this process: ``<out>/round-XXXX/`` gets the round's record
+(rollouts.parquet, grades.parquet, metrics.json), ``<out>/checkpoints/`` a resumable checkpoint
+every ``rlvr.save_every`` rounds, and ``<out>/final/`` the trained policy at the end
+(compaction/rounds.py). A killed job, restarted with the same command, resumes from its newest
+checkpoint.
 
 Per round: `prompts_per_round` training problems (a seeded, round-dependent order) x
 `samples_per_prompt` samples; rewards from math-verify (1 correct / 0 not, plus the soft
@@ -23,11 +24,11 @@ rollouts and (with global loss normalisation) take the same step.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 import json
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -44,70 +45,86 @@ from compaction.rl import (
     clipped_policy_loss, group_advantages, overlong_penalty, token_weights, weight_negative, zero_variance_groups,
 )
 from compaction.rounds import (
-    gather_frames, generate_round_rollouts, model_ref_of, round_completed, round_dir, round_problems,
+    RoundStage, gather_frames, generate_round_rollouts, round_dir, round_problems, rounds_policy_ref, run_stage,
 )
 from compaction.scoring import TokenScorer
 from compaction.tracking import log_metrics_if_active
 from compaction.training import (
-    collective_atomic_dir, make_accelerator, micro_batches, pad_batch, placeholder_batch, save_hf_model,
+    collective_atomic_dir, make_accelerator, micro_batches, pad_batch, placeholder_batch, publish_final,
 )
 from jobs.common import params_from, parse, parser
 
 
-class RLVRRound:
-    """One round: setup (policy + optimizer state of the previous round) -> rollouts -> grade -> update -> save."""
+class RLVRStage(RoundStage):
+    """setup (once) -> per round: rollouts -> grade -> update -> record -> (checkpoint) -> final."""
 
-    def __init__(self, params: Params, prev_ref: str, reference_ref: str, problems_path: str, out: Path, round_: int):
+    def __init__(self, params: Params, policy_ref: str, problems_path: str, out: Path, grader: Grader | None = None):
+        super().__init__(out, params.rlvr.keep_checkpoints)
         self.p, self.cfg = params, params.rlvr
-        self.prev_ref, self.reference_ref, self.problems_path = prev_ref, reference_ref, problems_path
-        self.out, self.round = out, round_
+        self.policy_ref, self.problems_path = policy_ref, problems_path
         self.log = get_logger()
-        self.grader: Grader | None = None  # running workers shared by the job's rounds
+        self.grader = grader  # running workers shared with the caller's other jobs; None: our own
+        self._stack = ExitStack()
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         self.acc = make_accelerator()
         cfg = self.cfg
-        model_ref = model_ref_of(self.prev_ref)
-        self.tokenizer = load_tokenizer(model_ref)
-        model = load_model(model_ref, dtype="float32", device=self.acc.device,
+        self.tokenizer = load_tokenizer(self.policy_ref)
+        model = load_model(self.policy_ref, dtype="float32", device=self.acc.device,
                            attn_implementation=self.p.model.attn_implementation)
         self.scorer = TokenScorer(model, backend=self.p.model.kernel_backend)
         optimizer = torch.optim.AdamW(self.scorer.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
         self.scorer, self.optimizer = self.acc.prepare(self.scorer, optimizer)
-        state = Path(self.prev_ref) / "state"
-        if state.is_dir():  # continue the optimizer (and RNG) of the previous round
-            self.acc.load_state(str(state))
+        self.wrapped = self.scorer
         self.reference = None
         if cfg.kl_coef > 0:
-            ref = load_model(self.reference_ref, dtype="float32", device=self.acc.device).eval()
+            ref = load_model(self.policy_ref, dtype="float32", device=self.acc.device).eval()
             self.reference = TokenScorer(ref.requires_grad_(False), backend=self.p.model.kernel_backend)
-        train = load_problems(self.problems_path, "train")
-        if train.empty:
+        self.train = load_problems(self.problems_path, "train")
+        if self.train.empty:
             raise ValueError(f"{self.problems_path}: no train split")
-        self.problems = round_problems(train, self.round, cfg.prompts_per_round, cfg.seed)
+        if self.grader is None:
+            self.grader = self._stack.enter_context(Grader(self.p.grading.workers, self.p.grading.timeout_s))
+
+    def close(self) -> None:
+        self._stack.close()
 
     @property
     def policy(self):
         return self.acc.unwrap_model(self.scorer).model
 
+    # ---------------------------------------------------------------- round
+    def round(self, k: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        problems = round_problems(self.train, k, self.cfg.prompts_per_round, self.cfg.seed)
+        rollouts = self.rollouts(problems, k)
+        t1 = time.perf_counter()
+        grades = self.grade(rollouts, problems)
+        t2 = time.perf_counter()
+        stats = self.update(rollouts, grades, k)
+        t3 = time.perf_counter()
+        stats.update({"rlvr/generate_seconds": t1 - t0, "rlvr/grade_seconds": t2 - t1,
+                      "rlvr/update_seconds": t3 - t2, "rlvr/rollout_seconds": t2 - t0, "rlvr/seconds": t3 - t0})
+        return self.record(k, rollouts, grades, stats)
+
     # ------------------------------------------------------------- rollouts
-    def rollouts(self) -> pd.DataFrame:
+    def rollouts(self, problems: pd.DataFrame, k: int) -> pd.DataFrame:
         cfg = self.cfg
         return generate_round_rollouts(
-            self.acc, self.policy, self.tokenizer, self.problems, samples_per_prompt=cfg.samples_per_prompt,
-            temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, round_=self.round,
-            policy_ref=self.prev_ref, enable_thinking=self.p.model.enable_thinking,
+            self.acc, self.policy, self.tokenizer, problems, samples_per_prompt=cfg.samples_per_prompt,
+            temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, round_=k,
+            policy_ref=rounds_policy_ref(self.out, k), enable_thinking=self.p.model.enable_thinking,
             batch_size=self.p.rollout.batch_size, decoder=self.p.rollout.hf_decoder,
-            desc=f"rlvr round {self.round} rollouts")
+            desc=f"rlvr round {k} rollouts")
 
     # ---------------------------------------------------------------- grade
-    def grade(self, rollouts: pd.DataFrame) -> pd.DataFrame:
-        return grade_rollouts(rollouts, answers=self.problems[["problem_id", "answer"]], grader=self.grader,
+    def grade(self, rollouts: pd.DataFrame, problems: pd.DataFrame) -> pd.DataFrame:
+        return grade_rollouts(rollouts, answers=problems[["problem_id", "answer"]], grader=self.grader,
                               workers=self.p.grading.workers, timeout_s=self.p.grading.timeout_s)
 
     # --------------------------------------------------------------- update
-    def update(self, rollouts: pd.DataFrame, grades: pd.DataFrame) -> dict[str, float]:
+    def update(self, rollouts: pd.DataFrame, grades: pd.DataFrame, k: int) -> dict[str, float]:
         cfg, acc = self.cfg, self.acc
         df = rollouts.assign(correct=grades["correct"].to_numpy())
         reward = df["correct"].astype(float).to_numpy()
@@ -149,7 +166,7 @@ class RLVRRound:
         n_seqs, n_tokens = sum(counts[0:2 * M:2]), sum(counts[1:2 * M:2])
         stats = {"rlvr/group_zero_variance_fraction": n_zero / max(n_groups, 1), "rlvr/trained_sequences": n_seqs}
         if n_seqs == 0:
-            self.log.info("rlvr round %d: every group has zero reward variance; no update", self.round)
+            self.log.info("rlvr round %d: every group has zero reward variance; no update", k)
             return {**stats, "rlvr/loss": 0.0, "rlvr/clip_fraction": 0.0, "rlvr/grad_norm": 0.0}
         # Each mini-batch is one optimizer step, its loss normalised over its own global batch.
         minis = []
@@ -218,22 +235,27 @@ class RLVRRound:
         with torch.no_grad() if no_grad else nullcontext():
             return scorer(b["input_ids"], b["attention_mask"], b["score_mask"], self.cfg.temperature)
 
-    # ----------------------------------------------------------------- save
-    def save(self, rollouts: pd.DataFrame, grades: pd.DataFrame, metrics: dict) -> Path:
+    # --------------------------------------------------------------- record
+    def record(self, k: int, rollouts: pd.DataFrame, grades: pd.DataFrame, metrics: dict) -> dict[str, float]:
+        """``round-XXXX/``: the round's rollouts, grades and metrics (no model), its log line and
+        its MLflow metrics (step = round)."""
         acc = self.acc
         all_rollouts, all_grades = gather_frames(rollouts, grades)
-        final = round_dir(self.out, self.round)
-        with collective_atomic_dir(acc, final) as tmp:
-            acc.save_state(str(tmp / "state"))
-            save_hf_model(acc, self.scorer, self.tokenizer, tmp / "model")
+        with collective_atomic_dir(acc, round_dir(self.out, k)) as tmp:
             if acc.is_main_process:
                 order = all_rollouts.sort_values(["group", "sample_index"]).index
                 all_rollouts, all_grades = all_rollouts.loc[order], all_grades.loc[order]
                 write_parquet(all_rollouts.drop(columns=["group"]), tmp / "rollouts.parquet")
                 write_parquet(all_grades, tmp / "grades.parquet")
                 metrics.update(self._rollout_metrics(all_rollouts, all_grades))
-                (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        return final
+                (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))  # last: marks the round done
+        if acc.is_main_process:
+            _log_round(k, self.cfg.rounds, metrics)
+        return metrics
+
+    # ----------------------------------------------------------------- save
+    def save_final(self, path: Path) -> None:
+        publish_final(self.acc, self.scorer, self.tokenizer, path.parent, path.name)
 
     def _rollout_metrics(self, rollouts: pd.DataFrame, grades: pd.DataFrame) -> dict[str, float]:
         correct = grades["correct"].astype(float).to_numpy()
@@ -242,61 +264,32 @@ class RLVRRound:
         return {"rlvr/reward_mean": float(correct.mean()), "rlvr/pass_rate": float(per_problem.mean()), **lengths}
 
 
-
-def run_round(params: Params, prev_ref: str, reference_ref: str, problems_path: str, out: str | Path,
-              round_: int, grader: Grader | None = None) -> str:
-    """Run round ``round_`` from ``prev_ref`` (a checkpoint, or the previous round's folder)."""
-    out = Path(out)
-    if round_completed(out, round_):
-        return str(round_dir(out, round_))
-    t0 = time.perf_counter()
-    r = RLVRRound(params, prev_ref, reference_ref, problems_path, out, round_)
-    r.grader = grader
-    r.setup()
-    rollouts = r.rollouts()
-    grades = r.grade(rollouts)
-    t_gen = time.perf_counter() - t0
-    stats = r.update(rollouts, grades)
-    stats["rlvr/seconds"] = time.perf_counter() - t0
-    stats["rlvr/rollout_seconds"] = t_gen
-    path = r.save(rollouts, grades, stats)
-    if r.acc.is_main_process:
-        m = json.loads((path / "metrics.json").read_text())
-        _log_round(round_, m)
-    return str(path)
-
-
-def _log_round(round_: int, m: dict) -> None:
+def _log_round(k: int, rounds: int, m: dict) -> None:
     get_logger().info(
-        "rlvr round %d: reward %.3f pass %.3f zero-var %.2f loss %.4f clip %.3f len %.1f trunc %.2f (%.1fs)",
-        round_, m["rlvr/reward_mean"], m["rlvr/pass_rate"], m["rlvr/group_zero_variance_fraction"], m["rlvr/loss"],
-        m["rlvr/clip_fraction"], m["rlvr/mean_response_tokens"], m["rlvr/truncation_rate"], m["rlvr/seconds"])
-    log_metrics_if_active(m, step=round_)
+        "rlvr round %d of %d: reward %.3f pass %.3f zero-var %.2f loss %.4f clip %.3f len %.1f trunc %.2f (%.1fs)",
+        k, rounds, m["rlvr/reward_mean"], m["rlvr/pass_rate"], m["rlvr/group_zero_variance_fraction"],
+        m["rlvr/loss"], m["rlvr/clip_fraction"], m["rlvr/mean_response_tokens"], m["rlvr/truncation_rate"],
+        m["rlvr/seconds"])
+    log_metrics_if_active(m, step=k)
 
 
-def run(params: Params, policy_ref: str, problems_path: str, out: str | Path) -> str:
-    """All rounds; returns the last round's model folder (the RLVR checkpoint)."""
-    out = Path(out)
-    prev = policy_ref
-    # One pool of grading workers for all rounds (starting one costs ~1.8 s, a round ~10 s).
-    with Grader(params.grading.workers, params.grading.timeout_s) as grader:
-        for k in range(params.rlvr.rounds):
-            prev = run_round(params, prev, policy_ref, problems_path, out, k, grader)
-    return str(Path(prev) / "model") if params.rlvr.rounds else policy_ref
+def run(params: Params, policy_ref: str, problems_path: str, out: str | Path, grader: Grader | None = None,
+        on_round: Callable[[int, int, dict], None] | None = None) -> str:
+    """Every round, resumed from the newest checkpoint in ``out``; returns ``<out>/final`` (the
+    RLVR checkpoint), or ``policy_ref`` for 0 rounds."""
+    if params.rlvr.rounds == 0:
+        return policy_ref
+    stage = RLVRStage(params, policy_ref, problems_path, Path(out), grader)
+    return str(run_stage(stage, params.rlvr.rounds, params.rlvr.save_every, on_round))
 
 
 def main(argv: Sequence[str] | None = None) -> str:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--policy", required=True, help="starting policy (the SFT checkpoint)")
     p.add_argument("--problems", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--round", type=int, default=None, help="run only this round (needs the previous one)")
+    p.add_argument("--out", required=True, help="stage folder (round-XXXX/, checkpoints/, final/)")
     args = parse(argv, p)
-    params = params_from(args)
-    if args.round is None:
-        return run(params, args.policy, args.problems, args.out)
-    prev = args.policy if args.round == 0 else str(round_dir(Path(args.out), args.round - 1))
-    return run_round(params, prev, args.policy, args.problems, args.out, args.round)
+    return run(params_from(args), args.policy, args.problems, args.out)
 
 
 if __name__ == "__main__":

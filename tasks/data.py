@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from compaction.params import Params
-from tasks.base import StagePolicy, call, stage_run, stage_task, timed_job
+from tasks.cache import StagePolicy, call, stage_task
+from tasks.launch import timed_job
+from tasks.runs import stage_run
 
 
 def _data_dir(params: Params) -> Path:

@@ -19,7 +19,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from compaction.params import Params
-from tasks.base import StagePolicy, call, git_commit, grader_for, launch, stage_key, stage_task
+from tasks.cache import StagePolicy, call, stage_key, stage_task
+from tasks.launch import grader_for, launch
+from tasks.runs import git_commit
 
 SECTIONS = ("eval", "model", "rollout.backend", "rollout.hf_decoder", "rollout.batch_size", "rollout.seed",
             "rollout.vllm_gpu_memory_utilization", "rollout.vllm_tensor_parallel_size", "grading")
@@ -63,7 +65,7 @@ def record_evaluation(params: Params, result: dict, model: str, condition: str |
     that trained the checkpoint (tag ``train_run_id``), from an earlier flow run when the stage
     was cached in this one, so the report still finds its training curves."""
     from compaction import tracking
-    from tasks.base import section_payload
+    from tasks.cache import section_payload
 
     metrics = json.loads(Path(result["metrics_path"]).read_text())
     tags = {"stage": "eval", "model": model, "policy_ref": policy_ref, "eval_dir": result["eval_dir"],

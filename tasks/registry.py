@@ -11,7 +11,8 @@ from prefect.cache_policies import NO_CACHE
 
 from compaction import registry
 from compaction.params import Params
-from tasks.base import git_commit, results_dir
+from tasks.cache import results_dir
+from tasks.runs import git_commit
 
 LANDED_EVENT = "rlvr.checkpoint.landed"
 LATEST_ALIAS = "latest"

@@ -8,7 +8,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from compaction.params import Params
-from tasks.base import timed_job
+from tasks.launch import timed_job
 
 
 @task(name="report", cache_policy=NO_CACHE)

@@ -1,9 +1,11 @@
-"""Stage rlvr, one task per round: a crash resumes at the first round without a cache record.
+"""Stage rlvr: one cached task, one job for every round (jobs/rlvr.py).
 
-Keyed by the ``rlvr`` section (without ``rounds``: adding rounds continues from the last one),
-``model``, ``rollout.batch_size`` (generation chunks), ``grading``, the starting policy and the
-problems; a round's key adds its index and the previous round's folder. All rounds of a flow
-run log into one nested MLflow run ``rlvr`` (step = round).
+Keyed by the ``rlvr`` section (without ``save_every`` and ``keep_checkpoints``, which do not
+change the result), ``model``, the rollout fields the job reads, ``grading``, the starting policy
+and the problems. The job writes ``artifacts/rlvr/<key>/`` (round records, checkpoints,
+``final/``); a task run again after a crash relaunches it, and it resumes from its newest
+checkpoint. The rounds log into the nested MLflow run ``rlvr`` (step = round), and a Prefect
+progress artifact advances every round.
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from compaction.params import Params
-from compaction.rounds import round_completed, round_dir
-from tasks.base import StagePolicy, call_rounds, grader_for, launch, stage_key, stage_run, stage_task
+from compaction.rounds import final_dir, stage_finished
+from tasks.cache import StagePolicy, call, stage_key, stage_task
+from tasks.launch import StageProgress, grader_for, launch
+from tasks.runs import stage_run
 
 SECTIONS = ("rlvr", "model", "rollout.batch_size", "rollout.hf_decoder", "grading")
-EXCLUDE = {"rlvr": ("rounds",)}
+#: Fields that do not change the stage's result (checkpoints are bitwise-neutral).
+EXCLUDE = {"rlvr": ("save_every", "keep_checkpoints")}
 
 
 def rlvr_dir(params: Params, policy: str, problems: str) -> Path:
@@ -25,32 +30,31 @@ def rlvr_dir(params: Params, policy: str, problems: str) -> Path:
 
 
 def _valid(inputs: dict[str, Any]) -> bool:
-    return round_completed(rlvr_dir(inputs["params"], inputs["policy"], inputs["problems"]), inputs["round_"])
+    return inputs["params"].rlvr.rounds == 0 or stage_finished(
+        rlvr_dir(inputs["params"], inputs["policy"], inputs["problems"]))
 
 
-@stage_task("rlvr_round", StagePolicy(sections=SECTIONS, exclude=EXCLUDE, job="jobs.rlvr", valid=_valid),
-            task_run_name="rlvr_round-{round_}")
-def rlvr_round_task(params: Params, policy: str, prev: str, problems: str, round_: int,
-                    parent_run_id: str | None = None) -> dict:
+@stage_task("rlvr", StagePolicy(sections=SECTIONS, exclude=EXCLUDE, job="jobs.rlvr", valid=_valid))
+def rlvr_task(params: Params, policy: str, problems: str, parent_run_id: str | None = None) -> dict:
     from jobs import rlvr as job
 
     out = rlvr_dir(params, policy, problems)
+    if params.rlvr.rounds == 0:
+        return {"checkpoint": policy, "stage_dir": str(out), "rounds": 0, "seconds": 0.0, "run_id": None}
     tags = {"stage": "rlvr", "model": "rlvr", "policy_ref": policy, "stage_dir": str(out)}
-    args = ["--policy", policy, "--problems", problems, "--out", str(out), "--round", str(round_)]
-    with stage_run(params, parent_run_id, "rlvr", tags, log_sections=SECTIONS,
-                   last_round=round_ >= params.rlvr.rounds - 1) as run_id:
+    args = ["--policy", policy, "--problems", problems, "--out", str(out)]
+    with stage_run(params, parent_run_id, "rlvr", tags, log_sections=SECTIONS) as run_id:
+        progress = StageProgress("rlvr-rounds", f"RLVR: {params.rlvr.rounds} rounds -> {out}")
         seconds = launch(params, "jobs.rlvr", args,
-                         lambda: job.run_round(params, prev, policy, problems, out, round_, grader=grader_for(params)),
-                         run_id, "rlvr")
-    if not round_completed(out, round_):
-        raise RuntimeError(f"rlvr round {round_}: the job ended without completing {round_dir(out, round_)}")
-    folder = round_dir(out, round_)
-    return {"round_dir": str(folder), "checkpoint": str(folder / "model"), "round": round_, "seconds": seconds,
-            "run_id": run_id}
+                         lambda: job.run(params, policy, problems, out, grader=grader_for(params), on_round=progress),
+                         run_id, "rlvr", progress=progress)
+    if not stage_finished(out):
+        raise RuntimeError(f"rlvr: the job ended without writing {final_dir(out)}")
+    return {"checkpoint": str(final_dir(out)), "stage_dir": str(out), "rounds": params.rlvr.rounds,
+            "seconds": seconds, "run_id": run_id}
 
 
-def rlvr_rounds(params: Params, policy: str, problems: str, parent_run_id: str | None = None) -> dict | None:
-    """The ``rlvr.rounds`` rounds of RLVR from ``policy``, each from the previous round's folder:
-    the last one's ``{"round_dir", "checkpoint": <round>/model, "run_id"}`` (None for 0 rounds)."""
-    return call_rounds(rlvr_round_task, params, params.rlvr.rounds, rlvr_dir(params, policy, problems), policy,
-                       policy=policy, problems=problems, parent_run_id=parent_run_id)
+def rlvr(params: Params, policy: str, problems: str, parent_run_id: str | None = None) -> dict:
+    """``{"checkpoint": <rlvr folder>/final, "stage_dir", "run_id"}`` after ``rlvr.rounds`` rounds
+    (``checkpoint`` = ``policy`` for 0 rounds)."""
+    return call(rlvr_task, params, policy=policy, problems=problems, parent_run_id=parent_run_id)

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from compaction.params import Params
-from tasks.base import StagePolicy, call, launch, stage_key, stage_run, stage_task
+from tasks.cache import StagePolicy, call, stage_key, stage_task
+from tasks.launch import launch
+from tasks.runs import stage_run
 
 SECTIONS = ("sft", "model")
 

@@ -17,7 +17,7 @@ from compaction.data import GRADE_COLUMNS, ROLLOUT_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
 # One small round: 3 prompts x 2 samples of at most 24 tokens.
-SMALL = ["opsd.rounds=1", "opsd.prompts_per_round=3", "opsd.samples_per_prompt=2", "opsd.max_new_tokens=24",
+SMALL = ["opsd.unit=rollout", "opsd.rounds=1", "opsd.prompts_per_round=3", "opsd.samples_per_prompt=2", "opsd.max_new_tokens=24",
          "opsd.redundancy_map_samples=3"]
 METRICS = ("loss", "selected_fraction", "accuracy", "mean_response_tokens", "p90_response_tokens",
            "truncation_rate", "epistemic_rate", "divergence_mean", "divergence_p50", "divergence_p90",
@@ -243,10 +243,12 @@ def test_a_round_writes_its_files_and_metrics(frozen_run, tiny_model):
 
     out, final = frozen_run
     r = out / "round-0000"
-    assert final == str(r / "model")
-    assert {"rollouts.parquet", "grades.parquet", "selected.parquet", "metrics.json", "model", "state",
-            "redundancy_map.parquet"} <= {p.name for p in r.iterdir()}
-    assert not (r / "teacher").exists() and not list(out.glob(".*tmp"))
+    assert final == str(out / "final") and Path(final, "config.json").is_file()
+    # A round's folder is its record only: no model, no optimizer state.
+    assert {p.name for p in r.iterdir()} == {"rollouts.parquet", "grades.parquet", "selected.parquet", "metrics.json",
+                                             "redundancy_map.parquet"}
+    assert [c.name for c in (out / "checkpoints").iterdir()] == ["step-00000001"]
+    assert not list(out.glob(".*tmp")) and not list((out / "checkpoints").glob(".*tmp"))
     ro, gr, sel = (pd.read_parquet(r / f) for f in ("rollouts.parquet", "grades.parquet", "selected.parquet"))
     assert set(ROLLOUT_COLUMNS) <= set(ro.columns) and list(gr.columns) == list(GRADE_COLUMNS)
     assert len(ro) == 3 * 2 and list(ro["rollout_id"]) == list(gr["rollout_id"])
@@ -273,20 +275,23 @@ def test_a_round_writes_its_files_and_metrics(frozen_run, tiny_model):
     assert np.isfinite(rmap["divergence"]).all() and (rmap["divergence"] >= -1e-6).all()
 
 
-def test_a_killed_job_restarts_at_the_first_missing_round(frozen_run, smoke_params, smoke_data, tiny_model):
+def test_rounds_of_one_job_sample_anew_and_map_the_same_rollouts(smoke_params, smoke_data, tiny_model, tmp_path):
     from jobs import opsd
 
-    out, _ = frozen_run
-    first = out / "round-0000" / "metrics.json"
-    stamp = first.stat().st_mtime_ns
+    out = tmp_path / "out"
     params = opsd_params(smoke_params, "opsd.rounds=2")
     final = opsd.run(params, tiny_model, smoke_data["problems"], out, "incorrect")
-    assert final == str(out / "round-0001" / "model") and first.stat().st_mtime_ns == stamp
+    assert final == str(out / "final")
     r0, r1 = (pd.read_parquet(out / f"round-000{k}" / "rollouts.parquet") for k in (0, 1))
     assert set(r0["rollout_id"]).isdisjoint(r1["rollout_id"]) and (r1["round"] == 1).all()
+    assert set(r1["policy_ref"]) == {f"{out}@1"}  # the stage's policy after one round, in memory
     # The redundancy map scores the same round-0 rollouts in every round.
     m0, m1 = (pd.read_parquet(out / f"round-000{k}" / "redundancy_map.parquet") for k in (0, 1))
     assert list(m0["rollout_id"]) == list(m1["rollout_id"]) and list(m0["token_id"]) == list(m1["token_id"])
+    # A finished stage returns at once: nothing is rewritten.
+    stamp = (out / "round-0001" / "metrics.json").stat().st_mtime_ns
+    assert opsd.run(params, tiny_model, smoke_data["problems"], out, "incorrect") == final
+    assert (out / "round-0001" / "metrics.json").stat().st_mtime_ns == stamp
 
 
 def test_ema_teacher_round(smoke_params, smoke_data, tiny_model, tmp_path):
@@ -296,13 +301,16 @@ def test_ema_teacher_round(smoke_params, smoke_data, tiny_model, tmp_path):
                          "opsd.unit=group", "opsd.lr=1e-2")
     final = opsd.run(params, tiny_model, smoke_data["problems"], tmp_path / "out", "all")
     r = tmp_path / "out" / "round-0000"
-    policy, student, teacher = weights(tiny_model), weights(final), weights(r / "teacher")
+    ckpt = tmp_path / "out" / "checkpoints" / "step-00000001" / opsd.TEACHER_FILE
+    policy, student = weights(tiny_model), weights(final)
+    teacher = {k: v for k, v in load_file(str(ckpt)).items() if k in policy}  # tied weights are stored once
+    assert len(teacher) >= len(policy) - 1
     m = json.loads((r / "metrics.json").read_text())
     assert m["opsd/empty_round"] == 0 and m["opsd/selected_fraction"] == 1.0
     # One optimizer step: teacher = 0.9 * starting policy + 0.1 * new student.
-    for k in policy:
+    for k in teacher:
         torch.testing.assert_close(teacher[k], 0.9 * policy[k] + 0.1 * student[k], rtol=1e-5, atol=1e-6)
-    assert any(not torch.equal(policy[k], teacher[k]) for k in policy)
+    assert any(not torch.equal(policy[k], teacher[k]) for k in teacher)
 
 
 def test_live_teacher_round_with_answer_context(smoke_params, smoke_data, tiny_model, tmp_path):
@@ -347,17 +355,20 @@ def test_lora_round_saves_a_merged_model_and_the_adapter(smoke_params, smoke_dat
     params = opsd_params(smoke_params, "opsd.lora=true", "opsd.lora_rank=4", "opsd.lr=1e-2")
     final = opsd.run(params, tiny_model, smoke_data["problems"], tmp_path / "out", "all")
     r = tmp_path / "out" / "round-0000"
-    assert (r / "adapter" / "adapter_config.json").is_file()
-    merged = load_model(final, dtype="float32").eval()  # model/ is a plain HF checkpoint
+    assert (Path(final) / "adapter" / "adapter_config.json").is_file()
+    merged = load_model(final, dtype="float32").eval()  # final/ is a plain HF checkpoint
     base = load_model(tiny_model, dtype="float32").eval()
-    adapted = PeftModel.from_pretrained(load_model(tiny_model, dtype="float32"), str(r / "adapter")).eval()
+    adapted = PeftModel.from_pretrained(load_model(tiny_model, dtype="float32"), str(Path(final) / "adapter")).eval()
     ids = torch.randint(0, merged.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(merged(ids).logits, base(ids).logits)
-    # The next round resumes the adapter, and its frozen teacher is the base (adapter disabled).
-    nxt = opsd.OPSDRound(params, str(r), tiny_model, smoke_data["problems"], tmp_path / "out", 1, "all")
+    # A job resumed from the checkpoint has the trained adapter, and its frozen teacher is the base
+    # (adapter disabled).
+    nxt = opsd.OPSDStage(params, tiny_model, smoke_data["problems"], tmp_path / "out", "all")
     nxt.setup()
+    assert nxt.resume() == 1
+    nxt.close()
     ro = pd.read_parquet(r / "rollouts.parquet").head(2)
     pairs = build_pairs(nxt.tokenizer, ro, nxt.teacher_prompts(ro["problem_id"].unique()))
     student_batch, teacher_batch = pack_pairs(pairs, nxt.tokenizer.pad_token_id)
@@ -396,7 +407,7 @@ def test_two_processes_take_the_same_opsd_step_as_one(smoke_data, tiny_model, tm
 
     def cmd(launcher, out):
         return [*launcher, "jobs.opsd", "--params", "params/smoke.yaml", *sets, "--policy", tiny_model,
-                "--problems", smoke_data["problems"], "--out", str(out), "--condition", "all", "--round", "0"]
+                "--problems", smoke_data["problems"], "--out", str(out), "--condition", "all"]
 
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run(cmd((sys.executable, "-m"), one), cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
@@ -407,7 +418,8 @@ def test_two_processes_take_the_same_opsd_step_as_one(smoke_data, tiny_model, tm
     r1, r2 = one / "round-0000", two / "round-0000"
     for name in ("rollouts.parquet", "selected.parquet", "redundancy_map.parquet"):
         a, b = pd.read_parquet(r1 / name), pd.read_parquet(r2 / name)
-        if name == "redundancy_map.parquet":
+        a, b = (f.drop(columns=[c for c in ("rollout_id", "policy_ref") if c in f.columns]) for f in (a, b))
+        if name == "redundancy_map.parquet":  # ids and policy_ref name the stage folder, which differs
             assert list(a["token_id"]) == list(b["token_id"])
             np.testing.assert_allclose(a["divergence"], b["divergence"], rtol=1e-3, atol=1e-6)
         else:
@@ -415,6 +427,61 @@ def test_two_processes_take_the_same_opsd_step_as_one(smoke_data, tiny_model, tm
     m1, m2 = json.loads((r1 / "metrics.json").read_text()), json.loads((r2 / "metrics.json").read_text())
     assert m2["opsd/loss"] == pytest.approx(m1["opsd/loss"], rel=1e-4, abs=1e-7)
     assert m2["opsd/divergence_p90"] == pytest.approx(m1["opsd/divergence_p90"], rel=1e-4, abs=1e-7)
-    a, b = weights(r1 / "model"), weights(r2 / "model")
+    a, b = weights(one / "final"), weights(two / "final")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- prompt pools
+def test_group_filtering_keeps_prompts_by_pass_rate_and_partitions_all():
+    from compaction.selection import prompt_pool
+
+    grades = pd.DataFrame({"problem_id": list("aaaabbbbccccdddd"),
+                           "correct": [1, 1, 1, 0, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]}).astype({"correct": bool})
+    pools = {c: prompt_pool(grades, c, 0.5) for c in ("all", "correct", "incorrect")}
+    assert list(pools["all"]["problem_id"]) == list("abcd")
+    assert list(pools["all"]["pass_rate"]) == [0.75, 0.5, 0.25, 0.0] and set(pools["all"]["samples"]) == {4}
+    assert list(pools["correct"]["problem_id"]) == ["a", "b"]  # >= threshold
+    assert list(pools["incorrect"]["problem_id"]) == ["c", "d"]  # below it
+    assert list(prompt_pool(grades, "correct", 0.75)["problem_id"]) == ["a"]
+    with pytest.raises(ValueError, match="condition"):
+        prompt_pool(grades, "baseline", 0.5)
+
+
+def test_pool_candidates_are_a_seeded_subset_in_train_order(train_problems):
+    from compaction.selection import pool_candidates
+
+    a, b = pool_candidates(train_problems, 10, 0), pool_candidates(train_problems, 10, 0)
+    assert list(a["problem_id"]) == list(b["problem_id"]) and len(a) == 10
+    position = {pid: i for i, pid in enumerate(train_problems["problem_id"])}
+    assert [position[p] for p in a["problem_id"]] == sorted(position[p] for p in a["problem_id"])
+    assert list(pool_candidates(train_problems, 10, 1)["problem_id"]) != list(a["problem_id"])
+    assert len(pool_candidates(train_problems, None, 0)) == train_problems["problem_id"].nunique()
+
+
+def test_unit_pool_trains_on_its_pool_prompts_only(smoke_params, smoke_data, tiny_model, train_problems, tmp_path):
+    from jobs import opsd
+
+    params = opsd_params(smoke_params, "opsd.unit=pool", "opsd.rounds=2", "opsd.redundancy_map_samples=0")
+    pool = train_problems.head(2)[["problem_id"]]
+    pool.to_parquet(tmp_path / "pool.parquet")
+    # Without its pool, a `correct` job under unit=pool fails before any work, naming the fix.
+    with pytest.raises(ValueError, match="opsd.unit=pool.*--pool"):
+        opsd.run(params, tiny_model, smoke_data["problems"], tmp_path / "nopool", "correct")
+    assert not (tmp_path / "nopool").exists()
+    final = opsd.run(params, tiny_model, smoke_data["problems"], tmp_path / "out", "correct",
+                     pool_path=str(tmp_path / "pool.parquet"))
+    for k in (0, 1):
+        r = tmp_path / "out" / f"round-000{k}"
+        ro, sel = pd.read_parquet(r / "rollouts.parquet"), pd.read_parquet(r / "selected.parquet")
+        assert set(ro["problem_id"]) <= set(pool["problem_id"])
+        assert list(sel["rollout_id"]) == list(ro["rollout_id"])  # every rollout of a pool prompt, whatever its verdict
+    assert Path(final, "config.json").is_file()
+    # An empty pool: every round is empty and the model is unchanged.
+    pool.head(0).to_parquet(tmp_path / "empty.parquet")
+    final = opsd.run(params, tiny_model, smoke_data["problems"], tmp_path / "empty", "correct",
+                     pool_path=str(tmp_path / "empty.parquet"))
+    m = json.loads((tmp_path / "empty" / "round-0001" / "metrics.json").read_text())
+    assert m["opsd/empty_round"] == 1 and m["opsd/selected_rollouts"] == 0
+    a, b = weights(tiny_model), weights(final)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,4 +1,5 @@
-"""RLVR rounds: outputs per round, resume by round, and 2 processes taking the same step as 1."""
+"""RLVR as one job: a record per round, checkpoints every save_every rounds with retention, the
+final folder, and 2 processes taking the same step as 1. (Resume after SIGKILL: test_stage_resume.py.)"""
 
 import json
 import os
@@ -31,24 +32,41 @@ def sft_ckpt(smoke_params, smoke_data, tiny_model, tmp_path_factory):
     return sft.run(params, tiny_model, smoke_data["traces"], tmp_path_factory.mktemp("sft"))
 
 
-def rlvr_cmd(policy, problems, out, *overrides, launcher=(sys.executable, "-m"), round_=None):
+def rlvr_cmd(policy, problems, out, *overrides, launcher=(sys.executable, "-m")):
     sets = [a for o in overrides for a in ("--set", o)]
-    extra = [] if round_ is None else ["--round", str(round_)]
     return [*launcher, "jobs.rlvr", "--params", "params/smoke.yaml", *sets, "--policy", policy,
-            "--problems", problems, "--out", str(out), *extra]
+            "--problems", problems, "--out", str(out)]
 
 
-def test_rounds_write_rollouts_grades_checkpoint_and_metrics(sft_ckpt, smoke_data, smoke_params, tmp_path):
+def test_rounds_write_records_checkpoints_and_the_final_model(sft_ckpt, smoke_data, smoke_params, tmp_path):
     from compaction.params import load_params
     from jobs import rlvr
 
-    params = load_params(REPO / "params" / "smoke.yaml", UPDATE_OPTS + ["rlvr.kl_coef=0.05", "rlvr.mini_batches=2"],
-                         base=Path(smoke_params.paths.root))
-    final = rlvr.run(params, sft_ckpt, smoke_data["problems"], tmp_path / "rlvr")
-    rounds = sorted((tmp_path / "rlvr").glob("round-*"))
-    assert [r.name for r in rounds] == ["round-0000", "round-0001"]
-    assert final == str(rounds[-1] / "model")
+    params = load_params(REPO / "params" / "smoke.yaml", UPDATE_OPTS + [
+        "rlvr.kl_coef=0.05", "rlvr.mini_batches=2", "rlvr.rounds=5", "rlvr.save_every=2", "rlvr.keep_checkpoints=2"],
+        base=Path(smoke_params.paths.root))
+    seen = []
+    final = rlvr.run(params, sft_ckpt, smoke_data["problems"], tmp_path / "rlvr",
+                     on_round=lambda done, total, m: seen.append((done, total)))
+    assert seen == [(k, 5) for k in range(1, 6)]  # progress after every round
+    out = tmp_path / "rlvr"
+    rounds = sorted(out.glob("round-*"))
+    assert [r.name for r in rounds] == [f"round-{k:04d}" for k in range(5)]
+    assert final == str(out / "final") and Path(final, "config.json").is_file()
+    # Checkpoints after rounds 2 and 4 and after the last (5); the newest two kept.
+    assert sorted(c.name for c in (out / "checkpoints").iterdir()) == ["step-00000004", "step-00000005"]
+    assert json.loads((out / "checkpoints" / "step-00000005" / "trainer_state.json").read_text()) == {"step": 5}
+    # The only model folders are the checkpoints' state and the final folder.
+    assert sorted(str(p.parent.relative_to(out)) for p in out.rglob("*.safetensors")) == [
+        "checkpoints/step-00000004/state", "checkpoints/step-00000005/state", "final"]
+    # The checkpoint holds the final weights (resume starts from them).
+    last = load_file(str(out / "checkpoints" / "step-00000005" / "state" / "model.safetensors"))
+    fin = load_file(f"{final}/model.safetensors")
+    shared = [k for k in fin if "model." + k in last]
+    assert len(shared) >= len(fin) - 1  # a tied LM head is stored once
+    assert all(torch.equal(last["model." + k], fin[k]) for k in shared)
     for k, r in enumerate(rounds):
+        assert {p.name for p in r.iterdir()} == {"rollouts.parquet", "grades.parquet", "metrics.json"}
         ro, gr = pd.read_parquet(r / "rollouts.parquet"), pd.read_parquet(r / "grades.parquet")
         assert set(ROLLOUT_COLUMNS) <= set(ro.columns) and list(gr.columns) == list(GRADE_COLUMNS)
         assert len(ro) == 4 * 2 and (ro["round"] == k).all() and list(ro.rollout_id) == list(gr.rollout_id)
@@ -64,7 +82,7 @@ def test_rounds_write_rollouts_grades_checkpoint_and_metrics(sft_ckpt, smoke_dat
     # The policy moved.
     a, b = load_file(f"{sft_ckpt}/model.safetensors"), load_file(f"{final}/model.safetensors")
     assert any(not torch.equal(a[k], b[k]) for k in a)
-    # Completed rounds are not redone: a rerun returns at once with the same files.
+    # A finished stage is not redone: a rerun returns at once with the same files.
     stamp = (rounds[0] / "metrics.json").stat().st_mtime_ns
     assert rlvr.run(params, sft_ckpt, smoke_data["problems"], tmp_path / "rlvr") == final
     assert (rounds[0] / "metrics.json").stat().st_mtime_ns == stamp
@@ -80,18 +98,22 @@ def test_two_processes_take_the_same_rlvr_steps_as_one(sft_ckpt, smoke_data, tmp
     opts = [*UPDATE_OPTS, "rlvr.prompts_per_round=3", "rollout.batch_size=2", "rlvr.micro_batch_size=2",
             f"rlvr.mini_batches={mini_batches}"]
     one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run(rlvr_cmd(sft_ckpt, smoke_data["problems"], one, *opts, round_=0), cwd=REPO, env=env,
+    opts.append("rlvr.rounds=1")
+    subprocess.run(rlvr_cmd(sft_ckpt, smoke_data["problems"], one, *opts), cwd=REPO, env=env,
                    check=True, capture_output=True, timeout=300)
     accelerate = str(Path(sys.executable).parent / "accelerate")
     launcher = (accelerate, "launch", "--config_file", "params/accelerate/cpu-2proc.yaml", "-m")
-    r = subprocess.run(rlvr_cmd(sft_ckpt, smoke_data["problems"], two, *opts, launcher=launcher, round_=0),
+    r = subprocess.run(rlvr_cmd(sft_ckpt, smoke_data["problems"], two, *opts, launcher=launcher),
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     r1, r2 = one / "round-0000", two / "round-0000"
-    # Same rollouts (layout-independent generation), same loss, same new weights.
-    pd.testing.assert_frame_equal(pd.read_parquet(r1 / "rollouts.parquet"), pd.read_parquet(r2 / "rollouts.parquet"))
+    # Same rollouts (layout-independent generation), same loss, same new weights. Ids and policy_ref
+    # name the stage folder, which differs.
+    named = ["rollout_id", "policy_ref"]
+    pd.testing.assert_frame_equal(pd.read_parquet(r1 / "rollouts.parquet").drop(columns=named),
+                                  pd.read_parquet(r2 / "rollouts.parquet").drop(columns=named))
     m1, m2 = json.loads((r1 / "metrics.json").read_text()), json.loads((r2 / "metrics.json").read_text())
     assert m2["rlvr/loss"] == pytest.approx(m1["rlvr/loss"], rel=1e-4, abs=1e-7)
-    a, b = load_file(f"{r1}/model/model.safetensors"), load_file(f"{r2}/model/model.safetensors")
+    a, b = load_file(f"{one}/final/model.safetensors"), load_file(f"{two}/final/model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
