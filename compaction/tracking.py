@@ -29,7 +29,7 @@ from compaction.params import TrackingParams, flatten
 MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value (characters)
 BATCH = 100  # MLflow accepts at most 100 params per log_batch call
 
-#: The run that :func:`start_run` or :func:`attach_run` made current: :func:`log_params` and
+#: The run that :func:`start_run` made current: :func:`log_params` and
 #: :func:`log_metrics` write there, before MLflow's active run (a job in an accelerate process).
 _current_run: contextvars.ContextVar[str | None] = contextvars.ContextVar("compaction_current_run", default=None)
 #: Experiment ids by (tracking URI, name): an experiment is never renamed, and looking it up costs
@@ -39,10 +39,6 @@ _experiment_ids: dict[tuple[str, str], str] = {}
 _created_runs: set[str] = set()
 #: Artifact URIs by run id (:func:`artifact_uri`): fixed when a run is created.
 _artifact_uris: dict[str, str] = {}
-#: Runs left RUNNING by a block that passed ``finish=False`` (a stage whose next round attaches to
-#: it), with their parent run: :func:`attach_run` need not mark them RUNNING again, and
-#: :func:`close_left_running` ends those a failed flow left behind.
-_left_running: dict[str, str | None] = {}
 #: SQLite store files put in WAL mode by this process (see the module docstring).
 _wal_databases: set[str] = set()
 
@@ -147,19 +143,18 @@ def _context_tags() -> dict[str, str]:
 
 
 def current_run_id() -> str | None:
-    """The run that :func:`start_run` / :func:`attach_run` made current in this context (None: none)."""
+    """The run that :func:`start_run` made current in this context (None: none)."""
     return _current_run.get()
 
 
 @contextlib.contextmanager
 def start_run(
     tracking: TrackingParams, run_name: str, nested: bool = False, tags: Mapping[str, str] | None = None,
-    experiment: str | None = None, parent_run_id: str | None = None, finish: bool = True,
+    experiment: str | None = None, parent_run_id: str | None = None,
 ) -> Iterator[Any]:
     """Create a run in the study's experiment, nested under ``parent_run_id`` (or, with ``nested``,
     under the current run), and make it current: :func:`log_params` and :func:`log_metrics` write
-    there. Yields MLflow's ``Run``; at the end the run is marked FINISHED (FAILED on an exception;
-    ``finish=False``: left RUNNING after a success, for :func:`attach_run` to continue).
+    there. Yields MLflow's ``Run``; at the end the run is marked FINISHED (FAILED on an exception).
 
     Not ``mlflow.start_run``: that reads the parent run back (its params, tags and metrics) to check
     it, ~17 ms a run on SQLite, and a flow starts one run per stage and evaluation. The tags are
@@ -175,53 +170,20 @@ def start_run(
     run = mlflow.MlflowClient().create_run(exp_id, tags=all_tags, run_name=run_name)
     _created_runs.add(run.info.run_id)
     _artifact_uris[run.info.run_id] = run.info.artifact_uri
-    with _current(tracking, run.info.run_id, resume=False, finish=finish, parent=parent):
+    with _current(tracking, run.info.run_id):
         yield run
 
 
 @contextlib.contextmanager
-def attach_run(tracking: TrackingParams, run_id: str, finish: bool = True,
-               parent_run_id: str | None = None) -> Iterator[str]:
-    """Make the existing run ``run_id`` current again for the duration (a later round of a stage):
-    ``mlflow.start_run(run_id=...)`` reads the whole run and writes its status twice, ~40 ms for
-    each round. At the end it is finished (or failed) again, so its end time is the last round's
-    (``finish=False``: left RUNNING, a round that is not the stage's last); system metrics, when
-    ``tracking.system_metrics`` is on, continue where the run's last round left them.
-
-    A run that this process left RUNNING stays so; another (a finished stage run that a new round
-    continues) is marked RUNNING first, with ``set_terminated``, one UPDATE: ``update_run`` reads
-    the whole run first (~10 ms). Its end time is then the previous round's until this one ends."""
-    import mlflow
-
-    configure(tracking)
-    if run_id not in _left_running:
-        mlflow.MlflowClient().set_terminated(run_id, status="RUNNING")  # what the UI shows while the round runs
-    with _current(tracking, run_id, resume=True, finish=finish, parent=parent_run_id):
-        yield run_id
-
-
-def close_left_running(parent_run_id: str, status: str) -> None:
-    """Terminate (``status``) the runs under ``parent_run_id`` that a ``finish=False`` block left
-    RUNNING: a flow that failed between two rounds of a stage."""
-    import mlflow
-
-    for run_id in [r for r, parent in _left_running.items() if parent == parent_run_id]:
-        _left_running.pop(run_id, None)
-        mlflow.MlflowClient().set_terminated(run_id, status=status)
-
-
-@contextlib.contextmanager
-def _current(tracking: TrackingParams, run_id: str, resume: bool, finish: bool = True,
-             parent: str | None = None) -> Iterator[None]:
-    """``run_id`` as the current run, with system metrics when asked; terminated at the end
-    (``finish=False``: a success leaves it RUNNING, remembered in :data:`_left_running`)."""
+def _current(tracking: TrackingParams, run_id: str) -> Iterator[None]:
+    """``run_id`` as the current run, with system metrics when asked; terminated at the end."""
     import mlflow
 
     monitor = None
     if tracking.system_metrics:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        monitor = SystemMetricsMonitor(run_id, resume_logging=resume)
+        monitor = SystemMetricsMonitor(run_id)
         monitor.start()
     token = _current_run.set(run_id)
     status = "FAILED"
@@ -232,11 +194,7 @@ def _current(tracking: TrackingParams, run_id: str, resume: bool, finish: bool =
         _current_run.reset(token)
         if monitor is not None:
             monitor.finish()
-        if finish or status != "FINISHED":
-            _left_running.pop(run_id, None)
-            mlflow.MlflowClient().set_terminated(run_id, status=status)
-        else:
-            _left_running[run_id] = parent
+        mlflow.MlflowClient().set_terminated(run_id, status=status)
 
 
 def log_params(params: Mapping[str, Any], prefix: str = "",

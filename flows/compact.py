@@ -74,6 +74,7 @@ def compaction(params: str = "params/demo.yaml", overrides: list[str] = [],  # n
                                      policy_ref, parent)
         training = [c for c in chosen if c != "baseline"]
         pools: dict[str, str | None] = {c: None for c in training}
+        graded = None
         if training and p.opsd.unit == "pool" and p.opsd.rounds > 0:
             graded = rollout_grading(p, ckpt["path"], problems, parent)
             pools = {c: group_filtering(p, graded["grades"], c)["pool"] for c in training}
@@ -93,5 +94,5 @@ def compaction(params: str = "params/demo.yaml", overrides: list[str] = [],  # n
         evaluations = {"baseline": baseline, **{c: ev for c, (ev, _) in zip(training, results)}}
         registered = [r for _, r in results if r is not None]
         summary = report(p, parent)
-        return {"checkpoint": ckpt, "evaluations": evaluations, "registered": registered, "report": summary,
-                "mlflow_run_id": parent}
+        return {"checkpoint": ckpt, "rollout_grading": graded, "pools": pools, "evaluations": evaluations,
+                "registered": registered, "report": summary, "mlflow_run_id": parent}

@@ -185,6 +185,10 @@ class StageProgress:
 # ----------------------------------------------------------------------------- job slots
 #: The Prefect global concurrency limit every job holds a slot of.
 JOB_LIMIT = "compaction-jobs"
+#: Seconds a slot's lease lasts without renewal (renewed every 3/4 of it while the job runs): a
+#: process killed with its slot frees it after this long (Prefect's default, 300 s, would stall
+#: the rerun of a killed flow for five minutes).
+JOB_LEASE_S = 20.0
 #: Inline jobs share this process (its torch threads, its grading workers): one at a time.
 _inline_lock = threading.Lock()
 
@@ -202,7 +206,7 @@ def job_slot(params: Params) -> Iterator[None]:
     """Hold one slot of :data:`JOB_LIMIT` (and the inline lock) while a job runs."""
     from prefect.concurrency.sync import concurrency
 
-    with concurrency(JOB_LIMIT, occupy=1, strict=False):
+    with concurrency(JOB_LIMIT, occupy=1, lease_duration=JOB_LEASE_S, strict=False):
         with _inline_lock if params.launcher.kind == "inline" else contextlib.nullcontext():
             yield
 

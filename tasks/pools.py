@@ -35,7 +35,7 @@ def _grading_valid(inputs: dict[str, Any]) -> bool:
 
 
 @stage_task("rollout_grading", StagePolicy(sections=GRADING_SECTIONS, job="jobs.rollout_grading",
-                                           valid=_grading_valid))
+                                           valid=_grading_valid), task_run_name="rollout_grading")
 def rollout_grading_task(params: Params, policy: str, problems: str, parent_run_id: str | None = None) -> dict:
     import json
 

@@ -34,7 +34,8 @@ def _valid(inputs: dict[str, Any]) -> bool:
         rlvr_dir(inputs["params"], inputs["policy"], inputs["problems"]))
 
 
-@stage_task("rlvr", StagePolicy(sections=SECTIONS, exclude=EXCLUDE, job="jobs.rlvr", valid=_valid))
+@stage_task("rlvr", StagePolicy(sections=SECTIONS, exclude=EXCLUDE, job="jobs.rlvr", valid=_valid),
+            task_run_name="rlvr")
 def rlvr_task(params: Params, policy: str, problems: str, parent_run_id: str | None = None) -> dict:
     from jobs import rlvr as job
 

@@ -4,7 +4,8 @@ project, the tiny model trained and evaluated.
 - a second run with the same inputs executes no job (every stage task is Cached; the report,
   never cached, renders again);
 - a changed OPSD learning rate re-runs OPSD and its evaluation, nothing upstream;
-- post-train killed (SIGKILL) during RLVR resumes: completed rounds come from the cache;
+- a compaction flow killed (SIGKILL) during OPSD and run again relaunches the OPSD job, which
+  resumes from its checkpoint and ends with the weights of a run never killed;
 - the MLflow layout and registry of docs/decisions.md.
 """
 
@@ -19,39 +20,73 @@ import threading
 import time
 from pathlib import Path
 
+import json
+
 import mlflow
+import pandas as pd
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "params" / "smoke.yaml")
-STAGE_TASKS = ("prepare_data", "prepare_model", "sft", "evaluate", "rlvr_round", "opsd_round")
+STAGE_TASKS = ("prepare_data", "prepare_model", "sft", "evaluate", "rlvr", "rollout_grading", "group_filtering",
+               "opsd")
+
+
+def flow_run_ids(flow_run_id) -> list:
+    """A flow run and its subflows."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    with get_client(sync_client=True) as client:
+        subflows = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+    return [flow_run_id, *[f.id for f in subflows]]
 
 
 def flow_run_tree(flow_run_id) -> list:
     """Task runs of a flow run and of its subflows: [(task name, state name)]."""
     from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:
-        subflows = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
-        ids = [flow_run_id, *[f.id for f in subflows]]
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)), limit=200)
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=flow_run_ids(flow_run_id))),
+                                     limit=200)
     return [(r.name, r.state.name) for r in runs]
+
+
+def progress_artifacts(flow_run_id) -> dict[str, float]:
+    """The progress artifacts of a flow run and its subflows: {key: final percent}."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=flow_run_ids(flow_run_id)),
+            type=ArtifactFilterType(any_=["progress"])))
+    return {a.key: float(a.data) for a in found}
 
 
 def stage_states(tree) -> list[tuple[str, str]]:
     return sorted((name, state) for name, state in tree if name.startswith(STAGE_TASKS))
 
 
+def trained_conditions(result) -> list[str]:
+    """The conditions whose prompt pool is not empty (the smoke model's `correct` pool is empty:
+    its rounds are empty, with no redundancy map)."""
+    pools = result["compaction"]["pools"]
+    return [c for c in ("all", "correct", "incorrect") if len(pd.read_parquet(pools[c]))]
+
+
 def run_flow(flow_fn, **kwargs):
     """Run a flow in-process; returns (result, task states, job stages executed in this call)."""
-    from tasks.base import JOB_SECONDS
+    from tasks.launch import JOB_SECONDS
 
     JOB_SECONDS.clear()
     state = flow_fn(**kwargs, return_state=True)
     assert state.is_completed(), state.message
-    return state.result(), flow_run_tree(state.state_details.flow_run_id), [s for s, _ in JOB_SECONDS]
+    flow_run_id = state.state_details.flow_run_id
+    return state.result(), flow_run_tree(flow_run_id), [s for s, _ in JOB_SECONDS], flow_run_id
 
 
 @pytest.fixture(scope="module")
@@ -69,14 +104,34 @@ def project(tmp_path_factory, mlflow_db_template, prefect_server):
 
 
 def test_post_train_runs_every_stage_and_tracks_it(project):
-    result, tree, jobs = project["first"]
+    result, tree, jobs, flow_run_id = project["first"]
     states = stage_states(tree)
     # Within the run, the subflow's prepare_data and the baseline evaluation (the RLVR checkpoint,
     # already evaluated as `rlvr`) come from the cache; every other stage ran.
     assert sorted(n.split("-")[0] for n, s in states if s == "Cached") == ["evaluate", "prepare_data"]
     assert all(s in ("Completed", "Cached") for _, s in states)
-    assert sorted(set(jobs)) == ["eval", "opsd", "prepare_data", "prepare_model", "report", "rlvr", "sft"]
-    assert jobs.count("rlvr") == 2 and jobs.count("opsd") == 6  # 2 rounds; 2 rounds x (all, correct, incorrect)
+    assert sorted(set(jobs)) == ["eval", "group_filtering", "opsd", "prepare_data", "prepare_model", "report", "rlvr",
+                                 "rollout_grading", "sft"]
+    # One job per stage: RLVR once, OPSD once per condition, whatever the rounds.
+    assert jobs.count("rlvr") == 1 and jobs.count("opsd") == 3 and jobs.count("rollout_grading") == 1
+    # The design card's DAG, as the Prefect API shows it: rollout grading, group filtering and one
+    # OPSD task per condition.
+    names = sorted(n for n, _ in tree)
+    assert names.count("rollout_grading") == 1
+    assert [n for n in names if n.startswith(("group_filtering", "opsd"))] == [
+        "group_filtering-all", "group_filtering-correct", "group_filtering-incorrect",
+        "opsd-all", "opsd-correct", "opsd-incorrect"]
+    pools = {c: pd.read_parquet(p) for c, p in result["compaction"]["pools"].items()}
+    graded = pd.read_parquet(result["compaction"]["rollout_grading"]["grades"])
+    assert set(pools["all"]["problem_id"]) == set(graded["problem_id"])
+    assert set(pools["correct"]["problem_id"]).isdisjoint(pools["incorrect"]["problem_id"])
+    assert set(pools["correct"]["problem_id"]) | set(pools["incorrect"]["problem_id"]) == set(pools["all"]["problem_id"])
+    assert (pools["correct"]["pass_rate"] >= 0.5).all() and (pools["incorrect"]["pass_rate"] < 0.5).all()
+    # Each stage's progress artifact reached 100% (one per RLVR / OPSD task run, advanced every round).
+    progress = progress_artifacts(flow_run_id)
+    assert sorted(k for k in progress) == ["opsd-all-rounds", "opsd-correct-rounds", "opsd-incorrect-rounds",
+                                           "rlvr-rounds"]
+    assert set(progress.values()) == {100.0}
 
     client = mlflow.MlflowClient(project["tracking_uri"])
     exp = client.get_experiment_by_name("compaction-smoke")
@@ -149,20 +204,20 @@ def test_post_train_runs_every_stage_and_tracks_it(project):
     # The report found each OPSD run's rounds (its stage_dir tag): one redundancy map per condition.
     report_dir = Path(result["compaction"]["report"]["out_dir"])
     assert {p.name for p in report_dir.glob("redundancy_map_*.html")} == {
-        f"redundancy_map_{c}.html" for c in ("all", "correct", "incorrect")}
+        f"redundancy_map_{c}.html" for c in trained_conditions(result)}
 
 
 def test_second_run_with_the_same_inputs_executes_no_job(project):
     from flows.post_train import post_train
 
-    result, tree, jobs = run_flow(post_train, params=SMOKE)
+    result, tree, jobs, _ = run_flow(post_train, params=SMOKE)
     states = stage_states(tree)
     assert jobs == ["report"]  # never cached: it reads what this flow run recorded
     assert states and all(state == "Cached" for _, state in states), states
     assert {n.split("-")[0] for n, _ in states} == set(STAGE_TASKS)
-    # A finished round loop shows its last round only (from the cache), not each completed round.
-    assert sorted(n for n, _ in states if "_round" in n) == [
-        "opsd_round-all-1", "opsd_round-correct-1", "opsd_round-incorrect-1", "rlvr_round-1"]
+    # One cached task per training stage.
+    assert sorted(n for n, _ in states if n.startswith(("rlvr", "opsd"))) == [
+        "opsd-all", "opsd-correct", "opsd-incorrect", "rlvr"]
     # Registration is idempotent: the same folders are the same versions.
     assert result["rlvr"]["uri"] == "models:/rlvr/1"
     assert sorted(r["version"] for r in result["compaction"]["registered"]) == ["1", "2", "3"]
@@ -179,17 +234,18 @@ def test_second_run_with_the_same_inputs_executes_no_job(project):
     report_dir = Path(result["compaction"]["report"]["out_dir"])
     assert (report_dir / "training_curves.png").is_file()
     assert {p.name for p in report_dir.glob("redundancy_map_*.html")} == {
-        f"redundancy_map_{c}.html" for c in ("all", "correct", "incorrect")}
+        f"redundancy_map_{c}.html" for c in trained_conditions(result)}
 
 
 def test_changed_opsd_lr_reruns_opsd_and_its_evaluation_only(project):
     from flows.compact import compaction
 
-    result, tree, jobs = run_flow(compaction, params=SMOKE, overrides=["opsd.lr=3e-4"], conditions=["all"])
+    result, tree, jobs, _ = run_flow(compaction, params=SMOKE, overrides=["opsd.lr=3e-4"], conditions=["all"])
     states = dict(stage_states(tree))
     assert result["checkpoint"]["version_uri"] == "models:/rlvr/1"  # the default: models:/rlvr@latest
-    assert states["opsd_round-all-0"] == "Completed" and states["opsd_round-all-1"] == "Completed"
-    assert sorted(jobs) == ["eval", "opsd", "opsd", "report"]
+    assert states["opsd-all"] == "Completed" and states["rollout_grading"] == "Cached"
+    assert states["group_filtering-all"] == "Cached"  # the pools do not depend on the learning rate
+    assert sorted(jobs) == ["eval", "opsd", "report"]
     assert [s for n, s in states.items() if n.startswith("prepare_data")] == ["Cached"]
     evaluate = sorted(s for n, s in states.items() if n.startswith("evaluate"))
     assert evaluate == ["Cached", "Completed"]  # the baseline from the cache, the new model evaluated
@@ -200,17 +256,17 @@ def test_missing_output_invalidates_its_cache_record(project):
     """A cache record whose folder was deleted is not used: the stage runs again."""
     from flows.compact import compaction
 
-    result, _, _ = run_flow(compaction, params=SMOKE, conditions=["baseline"])
+    result, _, _, _ = run_flow(compaction, params=SMOKE, conditions=["baseline"])
     eval_dir = Path(result["evaluations"]["baseline"]["eval_dir"])
     shutil.rmtree(eval_dir)
-    _, tree, jobs = run_flow(compaction, params=SMOKE, conditions=["baseline"])
+    _, tree, jobs, _ = run_flow(compaction, params=SMOKE, conditions=["baseline"])
     assert jobs == ["eval", "report"] and (eval_dir / "metrics.json").is_file()
     assert sorted(s for _, s in stage_states(tree)) == ["Cached", "Completed"]  # prepare_data, evaluate
 
 
 def test_bad_checkpoint_and_conditions_fail_before_any_job(project):
     from flows.compact import compaction
-    from tasks.base import JOB_SECONDS
+    from tasks.launch import JOB_SECONDS
 
     JOB_SECONDS.clear()
     state = compaction(params=SMOKE, checkpoint=str(project["root"] / "no-such-ckpt"), return_state=True)
@@ -223,15 +279,18 @@ def test_bad_checkpoint_and_conditions_fail_before_any_job(project):
 
 
 # ------------------------------------------------------------------------------ resume
-def test_post_train_resumes_after_sigkill_during_rlvr(project, prefect_server):
-    """Killed during RLVR round 2, rerun: data/model/SFT and round 1 (the last completed round)
-    from the cache, round 2 rerun from round 1's folder, nothing half-written used."""
+def test_compaction_killed_during_opsd_resumes_from_its_checkpoint(project, prefect_server, tmp_path):
+    """Killed (SIGKILL, the whole process) during OPSD round 2 of 4, after its checkpoint at round
+    2: the flow run again takes rollout grading and group filtering from the cache, relaunches the
+    OPSD job, which resumes from that checkpoint, and ends with the weights of a job never killed."""
+    from safetensors.torch import load_file
+
     root = project["root"]
-    sets = ["rlvr.seed=1", "rlvr.rounds=3"]  # a new RLVR (new folder), the same data and SFT
-    cmd = [sys.executable, "-m", "compaction.cli", "run", "post-train", "--params", SMOKE, "--condition", "correct",
-           *[a for s in sets for a in ("--set", s)]]
+    checkpoint = project["first"][0]["rlvr"]["path"]
+    sets = ["opsd.seed=1", "opsd.rounds=4", "opsd.save_every=2"]  # a new OPSD (new folder), the same pools' inputs
+    cmd = [sys.executable, "-m", "compaction.cli", "run", "compaction", "--params", SMOKE, "--condition", "all",
+           "--checkpoint", checkpoint, *[a for s in sets for a in ("--set", s)]]
     env = {**prefect_server["env"], "COMPACTION_HOME": str(root)}
-    before = set((root / "artifacts" / "rlvr").iterdir())
     proc = subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     seen: list[str] = []
@@ -240,35 +299,37 @@ def test_post_train_resumes_after_sigkill_during_rlvr(project, prefect_server):
     def watch():
         for line in proc.stdout:
             seen.append(line)
-            # Round 2 is generating: round 1's task has finished and its cache record is written.
-            if "rlvr round 2 rollouts" in line:
+            if "opsd round 2 of 4 [all]" in line:  # round 2 recorded; the next checkpoint comes after round 3
                 started.set()
 
     threading.Thread(target=watch, daemon=True).start()
     assert started.wait(240), "".join(seen[-40:])
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(30)
-    (rlvr_dir,) = set((root / "artifacts" / "rlvr").iterdir()) - before
-    assert (rlvr_dir / "round-0001" / "metrics.json").is_file()
-    assert not (rlvr_dir / "round-0002").exists(), "round 2 finished before the kill: the test saw nothing"
+    (stage,) = [p.parents[1] for p in (root / "artifacts" / "opsd").glob("*/all/checkpoints/step-00000002")
+                if not (p.parents[1] / "final").exists()]
+    assert sorted(c.name for c in (stage / "checkpoints").iterdir()) == ["step-00000002"]
 
-    from flows.post_train import post_train
+    from flows.compact import compaction
 
-    result, tree, jobs = run_flow(post_train, params=SMOKE, overrides=sets, conditions=["correct"])
+    result, tree, jobs, _ = run_flow(compaction, params=SMOKE, overrides=sets, conditions=["all"],
+                                     checkpoint=checkpoint)
     states = dict(stage_states(tree))
-    assert [s for n, s in states.items() if n.startswith(("sft", "prepare_model"))] == ["Cached", "Cached"]
-    # The loop starts at the last completed round (a cache hit); the rounds before it are not walked.
-    assert {n: s for n, s in states.items() if n.startswith("rlvr_round")} == {
-        "rlvr_round-1": "Cached", "rlvr_round-2": "Completed"}
-    assert jobs.count("rlvr") == 1 and "sft" not in jobs
-    for k in range(3):
-        assert (rlvr_dir / f"round-{k:04d}" / "metrics.json").is_file()
-    # Round 2 started from round 1's complete folder (its rollouts name that policy).
-    import pandas as pd
+    assert states["rollout_grading"] == "Cached" and states["group_filtering-all"] == "Cached"
+    assert states["opsd-all"] == "Completed" and jobs.count("opsd") == 1
+    assert Path(result["evaluations"]["all"]["policy_ref"]) == stage / "final"
+    assert sorted(c.name for c in (stage / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    assert json.loads((stage / "timings.json").read_text())["resumed_at"] == 2
 
-    policy = pd.read_parquet(rlvr_dir / "round-0002" / "rollouts.parquet")["policy_ref"].unique()
-    assert list(policy) == [str(rlvr_dir / "round-0001")]
-    assert result["rlvr"]["uri"] == "models:/rlvr/2"
+    # The same job never killed, in this process as the rerun: the same weights, bitwise.
+    from compaction.params import load_params
+    from jobs import opsd
+
+    params = load_params(SMOKE, sets, base=root)
+    (problems,) = (root / "artifacts" / "prepare_data").glob("*/problems.parquet")
+    ref = opsd.run(params, checkpoint, str(problems), tmp_path / "ref", "all", pool_path=result["pools"]["all"])
+    a, b = load_file(f"{ref}/model.safetensors"), load_file(str(stage / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ---------------------------------------------------------------------------- launcher
@@ -277,7 +338,7 @@ def test_failing_job_output_is_quoted_and_its_process_tree_killed(tmp_path):
     (here: the logger) kills the job's whole process group, grandchildren included."""
     import logging
 
-    from tasks.base import JobFailed, run_subprocess
+    from tasks.launch import JobFailed, run_subprocess
 
     log = logging.getLogger("test-launcher")
     with pytest.raises(JobFailed, match=r"(?s)exited with status 3.*line 2\nline 3"):
@@ -329,7 +390,7 @@ def test_accelerate_launcher_runs_rounds_in_two_processes(tmp_path, mlflow_db_te
             any_=[state.state_details.flow_run_id])), limit=200)
     text = "\n".join(entry.message for entry in logs)
     assert "--num_processes 2 -m jobs.opsd" in text and "--num_processes 1 -m jobs.evaluate" in text
-    assert "opsd round 0 [all]: acc" in text  # the job's own line, streamed from the subprocess
+    assert "opsd round 0 of 1 [all]: acc" in text  # the job's own line, streamed from the subprocess
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     exp = client.get_experiment_by_name("compaction-smoke")
     (opsd_run,) = client.search_runs([exp.experiment_id], "tags.stage = 'opsd'")

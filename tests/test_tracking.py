@@ -42,49 +42,25 @@ def test_relative_sqlite_uri_is_refused(params):
         tracking.configure(params.tracking)
 
 
-def test_attached_run_gets_the_metrics_and_its_status_back(params):
-    """A stage's later rounds attach to its run (tasks.base.stage_run): metrics go there, not to the
-    active (parent) run, and the run ends FINISHED, or FAILED when the round raises."""
-    client = mlflow.MlflowClient(params.tracking.tracking_uri)
-    with tracking.start_run(params.tracking, "flow") as parent:
-        with tracking.start_run(params.tracking, "stage", nested=True) as stage:
-            tracking.log_metrics({"opsd/loss": 1.0}, step=0)
-        with tracking.attach_run(params.tracking, stage.info.run_id):
-            assert client.get_run(stage.info.run_id).info.status == "RUNNING"
-            tracking.log_metrics_if_active({"opsd/loss": 0.5}, step=1)
-        with pytest.raises(RuntimeError), tracking.attach_run(params.tracking, stage.info.run_id):
-            tracking.log_metrics({"opsd/loss": 0.25}, step=2)
-            raise RuntimeError("round failed")
-    history = client.get_metric_history(stage.info.run_id, "opsd/loss")
-    assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.5), (2, 0.25)]
-    assert "opsd/loss" not in client.get_run(parent.info.run_id).data.metrics
-    assert client.get_run(stage.info.run_id).info.status == "FAILED"
-    with tracking.attach_run(params.tracking, stage.info.run_id):
-        pass
-    assert client.get_run(stage.info.run_id).info.status == "FINISHED"
-
-
-def test_a_stage_run_stays_running_between_rounds_and_ends_with_the_last_or_with_its_flow(params):
-    """Rounds that are not the stage's last leave its run RUNNING (the stage is running); the last
-    round finishes it; a flow that fails between two rounds marks it FAILED, not RUNNING forever."""
-    from tasks.base import flow_run, stage_run
+def test_a_stage_run_nests_under_its_flow_run_takes_the_round_metrics_and_ends_with_them(params):
+    """One stage task = one nested run: the rounds' metrics go there (step = round), not to the
+    flow's run; it ends FINISHED, or FAILED when the stage raises."""
+    from tasks.runs import flow_run, stage_run
 
     client = mlflow.MlflowClient(params.tracking.tracking_uri)
-    status = lambda run_id: client.get_run(run_id).info.status  # noqa: E731
     with flow_run(params, "post-train") as parent:
-        for k in range(3):
-            with stage_run(params, parent, "rlvr", {"stage": "rlvr"}, last_round=k == 2) as stage:
-                tracking.log_metrics({"rlvr/reward_mean": k}, step=k)
-            assert status(stage) == ("FINISHED" if k == 2 else "RUNNING")
+        with stage_run(params, parent, "rlvr", {"stage": "rlvr"}, log_sections=("rlvr",)) as stage:
+            assert client.get_run(stage).info.status == "RUNNING"
+            for k in range(3):
+                tracking.log_metrics_if_active({"rlvr/reward_mean": k}, step=k)
+        with pytest.raises(RuntimeError), stage_run(params, parent, "opsd-all", {"stage": "opsd"}) as failed:
+            raise RuntimeError("the job failed")
+    run = client.get_run(stage)
+    assert run.data.tags["mlflow.parentRunId"] == parent and run.data.params["rlvr.rounds"] == str(params.rlvr.rounds)
     assert [m.step for m in client.get_metric_history(stage, "rlvr/reward_mean")] == [0, 1, 2]
-    assert status(parent) == "FINISHED"
-
-    with pytest.raises(RuntimeError), flow_run(params, "post-train") as parent:
-        with stage_run(params, parent, "rlvr", {"stage": "rlvr"}, last_round=False) as stage:
-            pass
-        assert status(stage) == "RUNNING"
-        raise RuntimeError("the next round failed")
-    assert status(stage) == "FAILED" and status(parent) == "FAILED"
+    assert "rlvr/reward_mean" not in client.get_run(parent).data.metrics
+    assert run.info.status == "FINISHED" and client.get_run(failed).info.status == "FAILED"
+    assert client.get_run(parent).info.status == "FINISHED"
 
 
 def test_sqlite_store_in_wal_mode_lets_a_reader_and_a_writer_work_at_once(params, tmp_path):
