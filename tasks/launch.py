@@ -186,9 +186,9 @@ class StageProgress:
 #: The Prefect global concurrency limit every job holds a slot of.
 JOB_LIMIT = "compaction-jobs"
 #: Seconds a slot's lease lasts without renewal (renewed every 3/4 of it while the job runs): a
-#: process killed with its slot frees it after this long (Prefect's default, 300 s, would stall
-#: the rerun of a killed flow for five minutes).
-JOB_LEASE_S = 20.0
+#: process killed with its slot frees it after this long. 60 s is the server's minimum; Prefect's
+#: default, 300 s, would stall the rerun of a killed flow for five minutes.
+JOB_LEASE_S = 60.0
 #: Inline jobs share this process (its torch threads, its grading workers): one at a time.
 _inline_lock = threading.Lock()
 
