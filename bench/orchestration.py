@@ -47,7 +47,7 @@ for k, v in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEME
 
 class CallTimer:
     """Wall time of the public methods of some classes, called by the main thread outside jobs
-    (``tasks.base.in_job``), per layer; a call inside another timed call counts once, as the outer."""
+    (``tasks.launch.in_job``), per layer; a call inside another timed call counts once, as the outer."""
 
     def __init__(self, in_job) -> None:
         self.in_job, self.main = in_job, threading.main_thread().ident
@@ -167,7 +167,7 @@ def main() -> None:
     prepare_process()  # first-use imports and the GC freeze: once per process, as `compaction run` does
     prepare_s = time.perf_counter() - t
     from flows.post_train import post_train
-    from tasks.base import JOB_SECONDS
+    from tasks.launch import JOB_SECONDS
 
     # Where the overhead goes: each task call's wall time, and the stage work inside it; and the
     # flow's shape (which flow called which kind of task) for the Prefect-only baseline.
@@ -193,7 +193,7 @@ def main() -> None:
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
     from prefect.client.orchestration import SyncPrefectClient
 
-    from tasks.base import in_job
+    from tasks.launch import in_job
 
     calls = CallTimer(in_job)
     calls.wrap(TrackingStore, "MLflow store")
