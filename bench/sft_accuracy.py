@@ -101,10 +101,22 @@ def main() -> None:
         rl_ckpt = rlvr.run(params, ckpt, refs["problems"], out)
         rl_acc, rl_len = report("RLVR", rl_ckpt, time.perf_counter() - t0)
         print(f"\nRLVR - SFT: {100 * (rl_acc - sft_acc):+.1f} points avg@{params.eval.k}")
+    pools = {}
+    if args.opsd and params.opsd.unit == "pool":  # the flow's rollout grading and group filtering
+        from compaction.artifacts import read_parquet, write_parquet
+        from compaction.selection import prompt_pool
+        from jobs import rollout_grading
+
+        graded = Path(rollout_grading.run(params, rl_ckpt, refs["problems"], stage_dir(
+            params, "rollout_grading", params.section_hash("data", "model", "sft", "rlvr", "opsd"))))
+        for condition in args.opsd:
+            pools[condition] = str(graded / f"pool-{condition}.parquet")
+            write_parquet(prompt_pool(read_parquet(graded / "grades.parquet"), condition, params.opsd.group_threshold),
+                          pools[condition])
     for condition in args.opsd:
         t0 = time.perf_counter()
         out = stage_dir(params, f"opsd-{condition}", params.section_hash("data", "model", "sft", "rlvr", "opsd"))
-        o_ckpt = opsd.run(params, rl_ckpt, refs["problems"], out, condition)
+        o_ckpt = opsd.run(params, rl_ckpt, refs["problems"], out, condition, pools.get(condition))
         o_acc, o_len = report(f"OPSD-{condition}", o_ckpt, time.perf_counter() - t0)
         print(f"\nOPSD-{condition} vs RLVR: accuracy {100 * (o_acc - rl_acc):+.1f} points, "
               f"mean response tokens {100 * (o_len / rl_len - 1):+.1f}%")

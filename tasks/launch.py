@@ -10,7 +10,8 @@ dies (PR_SET_PDEATHSIG).
 **Concurrency.** Every job holds a slot of the Prefect global concurrency limit
 ``compaction-jobs`` (``launcher.max_concurrent_jobs`` slots, created or resized by the flow), so
 the condition branches a flow submits together, and the flows of one server, run at most that
-many jobs at once; inline jobs, which share this process, also take a process lock. With
+many jobs at once (the branches of one process queue locally first, so a freed slot passes on
+at once); inline jobs, which share this process, also take a process lock. With
 ``launcher.devices_per_job`` each accelerate job gets its own GPUs (``CUDA_VISIBLE_DEVICES``).
 """
 
@@ -201,14 +202,26 @@ def ensure_job_limit(params: Params) -> None:
         client.upsert_global_concurrency_limit_by_name(JOB_LIMIT, params.launcher.max_concurrent_jobs)
 
 
+#: This process's own queue for the same slots: a branch waiting for the Prefect limit polls it
+#: (the server answers "retry after" up to 30 s, about a job's length), so the branches of one flow
+#: first queue here, where a freed slot is handed on at once, and then take the Prefect slot,
+#: which is then free unless another flow process holds it.
+_local_slots: dict[int, threading.BoundedSemaphore] = {}
+_local_slots_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def job_slot(params: Params) -> Iterator[None]:
-    """Hold one slot of :data:`JOB_LIMIT` (and the inline lock) while a job runs."""
+    """Hold one slot of :data:`JOB_LIMIT` (after this process's queue, and the inline lock for an
+    inline job) while a job runs."""
     from prefect.concurrency.sync import concurrency
 
-    with concurrency(JOB_LIMIT, occupy=1, lease_duration=JOB_LEASE_S, strict=False):
-        with _inline_lock if params.launcher.kind == "inline" else contextlib.nullcontext():
-            yield
+    n = params.launcher.max_concurrent_jobs
+    with _local_slots_lock:
+        local = _local_slots.setdefault(n, threading.BoundedSemaphore(n))
+    inline = _inline_lock if params.launcher.kind == "inline" else contextlib.nullcontext()
+    with local, inline, concurrency(JOB_LIMIT, occupy=1, lease_duration=JOB_LEASE_S, strict=False):
+        yield
 
 
 class DevicePool:

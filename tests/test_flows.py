@@ -428,3 +428,38 @@ def test_direct_runs_turn_heartbeats_off_only_in_ephemeral_mode():
     with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
         with direct_run_settings():
             assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() == default is not None
+
+
+def test_job_slots_bound_concurrent_jobs_and_devices_are_disjoint(prefect_server, smoke_params):
+    """launcher.max_concurrent_jobs slots of the Prefect limit `compaction-jobs`: with 1, jobs of
+    concurrent branches never overlap; with 2 they do. Each accelerate job's GPUs are its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tasks.launch import DevicePool, ensure_job_limit, job_slot
+
+    def spans(limit: int) -> list[tuple[float, float]]:
+        params = smoke_params.model_copy(deep=True)
+        params.launcher.kind, params.launcher.max_concurrent_jobs = "accelerate", limit
+        ensure_job_limit(params)
+
+        def job(_):
+            with job_slot(params):
+                t0 = time.monotonic()
+                time.sleep(0.5)
+                return t0, time.monotonic()
+
+        with ThreadPoolExecutor(3) as pool:
+            return sorted(pool.map(job, range(3)))
+
+    one = spans(1)
+    assert all(a[1] <= b[0] for a, b in zip(one, one[1:])), one  # one after another
+    two = spans(2)
+    assert two[1][0] < two[0][1], two  # the first two overlap
+
+    pool = DevicePool(["0", "1", "2", "3", "4", "5", "6", "7"], 2)
+    held = []
+    with pool.take() as a, pool.take() as b, pool.take() as c:
+        held = [a, b, c]
+    assert sorted(d for g in held for d in g) == ["0", "1", "2", "3", "4", "5"] and all(len(g) == 2 for g in held)
+    with pytest.raises(ValueError, match="devices_per_job=3: only 2"):
+        DevicePool(["0", "1"], 3)

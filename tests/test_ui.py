@@ -66,7 +66,8 @@ def smoke_study(browser_paths, smoke_data, tiny_model, tmp_path_factory, mlflow_
 
     root = tmp_path_factory.mktemp("ui-project")
     shutil.copy(mlflow_db_template, root / "mlflow.db")
-    params = load_params(SMOKE, ["study=ui", "tracking.experiment=compaction-ui"], base=root)
+    # Per-round selection: this project has no group filtering step to write prompt pools.
+    params = load_params(SMOKE, ["study=ui", "tracking.experiment=compaction-ui", "opsd.unit=rollout"], base=root)
     art = params.artifacts_dir
     with tracking.start_run(params.tracking, "post-train-smoke", tags={"study": "ui", "flow": "post-train"}) as parent:
         def stage(name, **tags):
