@@ -1,12 +1,14 @@
 """What a round costs in the old per-round layout and in the stage-long layout, at three model sizes.
 
-    python bench/scaling.py [--rounds 10] [--save-every 5] [--sizes demo,10m,50m] [--old-code DIR] [--json OUT]
+    python bench/scaling.py [--rounds 10] [--save-every 5] [--old-rounds N] [--sizes demo,10m,50m] [--old-code DIR]
+                            [--json OUT]
 
 Old layout (``--old-code``: a worktree of the commit before stage-long jobs, b41303d): every round
 is its own process (``launcher.kind: accelerate`` started one per round) that loads the previous
 round's model and optimizer state, runs the round, and writes a full HF model and the accelerate
 state beside the round's record. New layout (this tree): one process runs every round, a
-checkpoint every ``--save-every`` rounds and after the last, and the final HF folder.
+checkpoint every ``--save-every`` rounds and after the last, and the final HF folder. The old
+layout pays the same costs every round, so ``--old-rounds`` (default: ``--rounds``) can be fewer.
 
 Both run the same rounds of the embedded Qwen3 architecture at three sizes (the demo's ~0.85M
 parameters, ~10M, ~50M) on one random-initialised model per size: RLVR (soft overlong penalty,
@@ -158,6 +160,7 @@ def measure(size: str, args, work: Path) -> dict:
     from jobs import prepare_data, prepare_model
 
     tiny = [f"model.tiny.{k}={v}" for k, v in SIZES[size].items()]
+    old_rounds = args.old_rounds or args.rounds
     sets = [*ROUND_SETS, *tiny, f"rlvr.rounds={args.rounds}", f"opsd.rounds={args.rounds}"]
     checkpoints = [f"rlvr.save_every={args.save_every}", f"opsd.save_every={args.save_every}"]  # new layout only
     root = work / size
@@ -168,13 +171,15 @@ def measure(size: str, args, work: Path) -> dict:
 
     with safe_open(f"{base}/model.safetensors", "pt") as f:
         n_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    result = {"size": size, "params": n_params, "rounds": args.rounds, "save_every": args.save_every}
+    result = {"size": size, "params": n_params, "rounds": args.rounds, "old_rounds": old_rounds,
+              "save_every": args.save_every}
     for stage in ("rlvr", "opsd"):
         for layout, code in (("old", args.old_code), ("new", str(REPO))):
             out = root / f"{stage}-{layout}"
             total = dict.fromkeys([*CATEGORIES, "wall"], 0.0)
+            rounds = old_rounds if layout == "old" else args.rounds
             if layout == "old":
-                for k in range(args.rounds):
+                for k in range(rounds):
                     t, wall = run_child(child_cmd(code, stage, root, base, data["problems"], out, sets, k))
                     add(total, t, wall)
                 written = du(out)  # every round folder is kept: model, state and record
@@ -188,11 +193,11 @@ def measure(size: str, args, work: Path) -> dict:
                 ckpt_bytes = du(sorted((out / "checkpoints").iterdir())[-1])
                 written = du(out) + ckpt_bytes * (n_ckpt - len(list((out / "checkpoints").iterdir())))
             record = sum(du_record(r) for r in out.glob("round-*"))
-            result[f"{stage}_{layout}"] = {**{k: v / args.rounds for k, v in total.items()},
-                                           "bytes_per_round": written / args.rounds,
-                                           "record_bytes_per_round": record / args.rounds,
+            result[f"{stage}_{layout}"] = {**{k: v / rounds for k, v in total.items()},
+                                           "bytes_per_round": written / rounds,
+                                           "record_bytes_per_round": record / rounds,
                                            "checkpoint_bytes": ckpt_bytes}
-            print(f"  {size} {stage} {layout}: {total['wall'] / args.rounds:.2f} s/round", flush=True)
+            print(f"  {size} {stage} {layout}: {total['wall'] / rounds:.2f} s/round", flush=True)
     return result
 
 
@@ -227,7 +232,7 @@ def disk_bandwidth(work: Path, size_mb: int = 1024) -> tuple[float, float]:
 
 def report(results: list[dict], write_mb_s: float, read_mb_s: float) -> None:
     print(f"\ndisk: write {write_mb_s:.0f} MB/s (fsynced), read {read_mb_s:.0f} MB/s\n")
-    head = "| size | params | stage | layout | wall s/round | " + " | ".join(CATEGORIES) + \
+    head = "| size | params | stage | layout | rounds | wall s/round | " + " | ".join(CATEGORIES) + \
            " | state I/O + start-up | MB written/round | record KB/round |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
@@ -236,7 +241,8 @@ def report(results: list[dict], write_mb_s: float, read_mb_s: float) -> None:
             for layout in ("old", "new"):
                 m = r[f"{stage}_{layout}"]
                 share = (m["state_io"] + m["startup"]) / m["wall"]
-                print(f"| {r['size']} | {r['params'] / 1e6:.2f}M | {stage} | {layout} | {m['wall']:.2f} | "
+                rounds = r["old_rounds"] if layout == "old" else r["rounds"]
+                print(f"| {r['size']} | {r['params'] / 1e6:.2f}M | {stage} | {layout} | {rounds} | {m['wall']:.2f} | "
                       + " | ".join(f"{m[c]:.2f}" for c in CATEGORIES)
                       + f" | {share:.1%} | {m['bytes_per_round'] / 1e6:.2f} | {m['record_bytes_per_round'] / 1e3:.0f} |")
     big = results[-1]
@@ -263,6 +269,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--save-every", type=int, default=5)
+    ap.add_argument("--old-rounds", type=int, default=None, help="rounds of the old layout (default: --rounds)")
     ap.add_argument("--sizes", default="demo,10m,50m")
     ap.add_argument("--old-code", default="/tmp/old-layout", help="worktree of the commit before stage-long jobs")
     ap.add_argument("--json", default=None)

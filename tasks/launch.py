@@ -10,7 +10,8 @@ dies (PR_SET_PDEATHSIG).
 **Concurrency.** Every job holds a slot of the Prefect global concurrency limit
 ``compaction-jobs`` (``launcher.max_concurrent_jobs`` slots, created or resized by the flow), so
 the condition branches a flow submits together, and the flows of one server, run at most that
-many jobs at once (the branches of one process queue locally first, so a freed slot passes on
+many jobs at once. In ephemeral mode (no ``PREFECT_API_URL``: ``compaction run``, ``make demo``) the
+server is this process's own, and a process-local queue of the same size is the limit (the branches of one process queue locally first, so a freed slot passes on
 at once); inline jobs, which share this process, also take a process lock. With
 ``launcher.devices_per_job`` each accelerate job gets its own GPUs (``CUDA_VISIBLE_DEVICES``).
 """
@@ -194,10 +195,21 @@ JOB_LEASE_S = 60.0
 _inline_lock = threading.Lock()
 
 
+def _server_shared() -> bool:
+    """Whether flows of other processes can share this process's Prefect server (``PREFECT_API_URL``
+    set: ``make serve``, a worker). An ephemeral server lives and dies with this process, so there
+    the process's own queue is the whole limit."""
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(PREFECT_API_URL.value())
+
+
 def ensure_job_limit(params: Params) -> None:
     """Create or resize the global limit to ``launcher.max_concurrent_jobs`` slots (the flow, once)."""
     from prefect import get_client
 
+    if not _server_shared():
+        return
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name(JOB_LIMIT, params.launcher.max_concurrent_jobs)
 
@@ -213,14 +225,18 @@ _local_slots_lock = threading.Lock()
 @contextlib.contextmanager
 def job_slot(params: Params) -> Iterator[None]:
     """Hold one slot of :data:`JOB_LIMIT` (after this process's queue, and the inline lock for an
-    inline job) while a job runs."""
+    inline job) while a job runs. In ephemeral mode the process's queue alone: taking a slot from
+    a server on SQLite collides with its recorder's writes of the task run that just ended
+    (``database is locked``, retried after 2 s), a stall before every other job for nothing."""
     from prefect.concurrency.sync import concurrency
 
     n = params.launcher.max_concurrent_jobs
     with _local_slots_lock:
         local = _local_slots.setdefault(n, threading.BoundedSemaphore(n))
     inline = _inline_lock if params.launcher.kind == "inline" else contextlib.nullcontext()
-    with local, inline, concurrency(JOB_LIMIT, occupy=1, lease_duration=JOB_LEASE_S, strict=False):
+    shared = (concurrency(JOB_LIMIT, occupy=1, lease_duration=JOB_LEASE_S, strict=False) if _server_shared()
+              else contextlib.nullcontext())
+    with local, inline, shared:
         yield
 
 
