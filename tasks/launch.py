@@ -10,10 +10,11 @@ dies (PR_SET_PDEATHSIG).
 **Concurrency.** Every job holds a slot of the Prefect global concurrency limit
 ``compaction-jobs`` (``launcher.max_concurrent_jobs`` slots, created or resized by the flow), so
 the condition branches a flow submits together, and the flows of one server, run at most that
-many jobs at once. In ephemeral mode (no ``PREFECT_API_URL``: ``compaction run``, ``make demo``) the
-server is this process's own, and a process-local queue of the same size is the limit (the branches of one process queue locally first, so a freed slot passes on
-at once); inline jobs, which share this process, also take a process lock. With
-``launcher.devices_per_job`` each accelerate job gets its own GPUs (``CUDA_VISIBLE_DEVICES``).
+many jobs at once. The branches of one process first queue locally, so a freed slot passes on at
+once. In ephemeral mode (no ``PREFECT_API_URL``: ``compaction run``, ``make demo``) the server is
+this process's own, and that local queue is the whole limit. Inline jobs, which share this
+process, also take a process lock. With ``launcher.devices_per_job`` each accelerate job gets its
+own GPUs (``CUDA_VISIBLE_DEVICES``).
 """
 
 from __future__ import annotations
@@ -214,9 +215,9 @@ def ensure_job_limit(params: Params) -> None:
         client.upsert_global_concurrency_limit_by_name(JOB_LIMIT, params.launcher.max_concurrent_jobs)
 
 
-#: This process's own queue for the same slots: a branch waiting for the Prefect limit polls it
-#: (the server answers "retry after" up to 30 s, about a job's length), so the branches of one flow
-#: first queue here, where a freed slot is handed on at once, and then take the Prefect slot,
+#: This process's own queue for the same slots: a branch refused by the Prefect limit polls it again
+#: only after the server's "retry after" (up to 30 s, about a job's length), so the branches of one
+#: flow first queue here, where a freed slot is handed on at once, and then take the Prefect slot,
 #: which is then free unless another flow process holds it.
 _local_slots: dict[int, threading.BoundedSemaphore] = {}
 _local_slots_lock = threading.Lock()
