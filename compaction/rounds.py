@@ -43,16 +43,9 @@ from compaction.training import latest_checkpoint, save_checkpoint
 FINAL_DIR = "final"
 TIMINGS_FILE = "timings.json"
 
-#: The file whose presence marks a completed round (written last, inside the atomic folder).
-ROUND_DONE = "metrics.json"
-
 
 def round_dir(out: Path, round_: int) -> Path:
     return Path(out) / f"round-{round_:04d}"
-
-
-def round_completed(out: Path, round_: int) -> bool:
-    return (round_dir(out, round_) / ROUND_DONE).is_file()
 
 
 def final_dir(out: Path) -> Path:
