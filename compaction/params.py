@@ -140,7 +140,9 @@ class ModelParams(Section):
 
 # ------------------------------------------------------------------------ rollout
 class RolloutParams(Section):
-    backend: Literal["hf", "vllm"] = Field("hf", description="`hf` = transformers generate; `vllm` = vLLM offline LLM.")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="`hf` = the policy's own weights in this process (transformers generate or the lean "
+        "decoder); `vllm` = a vLLM server from its own environment (`make vllm`), weights reloaded every round.")
     n: int = Field(4, ge=1, description="Samples per prompt.")
     temperature: float = Field(1.0, ge=0.0, description="0 = greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -152,8 +154,22 @@ class RolloutParams(Section):
         "plain Qwen3 loop, ~2x faster on CPU for the embedded model), `auto` = lean for a plain Qwen3 on CPU. "
         "Also used for RLVR / OPSD rollouts.")
     seed: int = Field(0)
-    vllm_gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
-    vllm_tensor_parallel_size: int = Field(1, ge=1)
+    vllm_url: str | None = Field(
+        None, description="A vLLM server that is already running (e.g. on GPUs of its own), as http://HOST:PORT, "
+        "started with VLLM_SERVER_DEV_MODE=1; None = each job starts its own. Weight reloads pass it a folder "
+        "path: that folder must be on a filesystem both sides see.")
+    vllm_gpu_memory_utilization: float = Field(
+        0.85, gt=0, le=1, description="Share of each GPU's memory the vLLM server may take (weights + KV cache); "
+        "lower it when the server shares GPUs with training.")
+    vllm_tensor_parallel_size: int = Field(1, ge=1, description="GPUs the vLLM server shards the model over.")
+    vllm_max_model_len: int | None = Field(
+        None, ge=16, description="The vLLM server's context length (prompt + response); None = the model's own.")
+    vllm_cpu_kv_cache_gib: int = Field(
+        1, ge=1, description="KV cache of a vLLM server on CPU, GiB (VLLM_CPU_KVCACHE_SPACE; vLLM's default "
+        "takes most of the machine's memory and minutes to allocate).")
+    vllm_startup_timeout_s: float = Field(
+        600, gt=0, description="Seconds a started vLLM server has to answer /health; then the job fails, "
+        "quoting the server's log.")
 
 
 class GradingParams(Section):

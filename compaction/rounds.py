@@ -10,7 +10,14 @@ grader are set up once, then every round runs in the same process(es). A stage f
   RNG), the stage's extras (an EMA teacher) and ``trainer_state.json``; written every
   ``save_every`` rounds and after the last one, the newest ``keep_checkpoints`` kept;
 - ``final/``: the stage's output, one HF ``save_pretrained`` folder, written at the end;
-- ``timings.json``: seconds of setup, each checkpoint and the final save (bench/scaling.py).
+- ``timings.json``: seconds of setup, each checkpoint and the final save (bench/scaling.py);
+- with ``rollout.backend: vllm``, ``vllm/server.log`` (the job's server) and, while it runs,
+  ``vllm/weights/`` (the policy's weights for the server to reload; removed at the end).
+
+Rollouts come from the policy in this process (the HF engine) or from a vLLM server
+(``rollout.backend: vllm``): one server per stage job, started on the starting policy in setup
+(or ``rollout.vllm_url``), which reloads the policy's weights after every round's update (and
+after a resume), so that every round samples from the policy it trains.
 
 A killed job, restarted with the same command, resumes from its newest complete checkpoint and
 redoes the rounds after it (their records are rewritten): the same weights, bitwise, as a run
@@ -37,7 +44,7 @@ from compaction.data import ROLLOUT_COLUMNS
 from compaction.artifacts import atomic_path
 from compaction.logs import get_logger
 from compaction.rollout import HFEngine, Sampling, generate_rollouts
-from compaction.training import latest_checkpoint, save_checkpoint
+from compaction.training import hf_state_dict, latest_checkpoint, save_checkpoint
 
 #: The stage's output folder (HF ``save_pretrained``); its config.json marks a finished stage.
 FINAL_DIR = "final"
@@ -68,9 +75,13 @@ class RoundStage:
     implement :meth:`round` and :meth:`save_final`; :meth:`save_extra` / :meth:`load_extra` add
     what a checkpoint needs beyond the accelerate state (the EMA teacher)."""
 
+    #: The vLLM rollout engine (``rollout.backend: vllm``), set by :meth:`start_rollout_server`; None: HF.
+    engine = None
+
     def __init__(self, out: Path, keep_checkpoints: int):
         self.out, self.keep = Path(out), keep_checkpoints
-        self.timings: dict[str, Any] = {"setup": 0.0, "resume": 0.0, "checkpoints": [], "final": 0.0}
+        self.timings: dict[str, Any] = {"setup": 0.0, "resume": 0.0, "checkpoints": [], "final": 0.0,
+                                        "weight_syncs": []}
 
     def setup(self) -> None:
         raise NotImplementedError
@@ -90,6 +101,67 @@ class RoundStage:
 
     def close(self) -> None:
         pass
+
+    # ---------------------------------------------------------- vLLM rollouts
+    def start_rollout_server(self, params, policy_ref: str) -> None:
+        """With ``rollout.backend: vllm``: the stage's server on ``policy_ref`` (started by the main
+        process, or ``rollout.vllm_url``), and every process's engine on it. Call after ``self.acc``
+        and ``self.tokenizer`` are set; :meth:`stop_rollout_server` in ``close``."""
+        if params.rollout.backend != "vllm":
+            return
+        from accelerate.utils import broadcast_object_list
+
+        from compaction.rollout import VLLMServer, VLLMServerEngine, eos_token_ids, vllm_server
+
+        server, url, error = None, [None], None
+        if self.acc.is_main_process:
+            try:
+                server = vllm_server(policy_ref, params.rollout, params.model, log_path=self.out / "vllm" / "server.log")
+                url = [server.url]
+            except Exception as exc:  # every process must leave the broadcast below
+                error = exc
+        broadcast_object_list(url)
+        if error is not None:
+            raise error
+        if url[0] is None:
+            raise RuntimeError(f"{self.out}: the main process could not start the stage's vLLM server")
+        if server is None:
+            server = VLLMServer(policy_ref, url=url[0]).start()
+        eos = eos_token_ids(policy_ref, self.tokenizer)
+        self.engine = VLLMServerEngine(server, self.tokenizer, eos, owns_server=self.acc.is_main_process)
+        self.weights_dtype = server.dtype
+        if server.external and self.acc.is_main_process:
+            self.engine.reload(policy_ref)  # a running server may hold any weights
+        self.acc.wait_for_everyone()
+
+    def stop_rollout_server(self) -> None:
+        import shutil
+
+        if self.engine is not None:
+            engine, self.engine = self.engine, None
+            engine.close()
+            shutil.rmtree(self.out / "vllm" / "weights", ignore_errors=True)
+
+    def policy_weights(self) -> dict:
+        """The policy's weights under HF names (a collective; complete on the main process)."""
+        return hf_state_dict(self.acc, self.wrapped)
+
+    def sync_rollout_weights(self) -> None:
+        """vLLM: the main process writes the policy's weights and the server reloads them."""
+        if self.engine is None:
+            return
+        from compaction.model import resolve_dtype
+        from compaction.rollout import write_weights
+
+        t = time.perf_counter()
+        weights = self.policy_weights()
+        if self.acc.is_main_process:
+            folder = self.out / "vllm" / "weights"
+            tied = bool(getattr(self.acc.unwrap_model(self.wrapped).model.config, "tie_word_embeddings", False))
+            write_weights(weights, folder, dtype=resolve_dtype(self.weights_dtype), tied_embeddings=tied)
+            self.engine.reload(folder)
+        self.acc.wait_for_everyone()
+        self.timings["weight_syncs"].append(time.perf_counter() - t)
 
     def resume(self) -> int:
         """Restore the newest complete checkpoint; returns the rounds it has done (0: none)."""
@@ -120,9 +192,12 @@ def run_stage(stage: RoundStage, rounds: int, save_every: int,
         stage.timings.update(setup=t1 - t0, resume=time.perf_counter() - t1, resumed_at=start)
         if start:
             get_logger().info("%s: resumed from its checkpoint after %d of %d rounds", stage.out, start, rounds)
+            stage.sync_rollout_weights()
         for k in range(start, rounds):
             metrics = stage.round(k)
             done = k + 1
+            if done < rounds:
+                stage.sync_rollout_weights()
             if done % save_every == 0 or done == rounds:
                 t = time.perf_counter()
                 stage.checkpoint(done)
@@ -168,19 +243,21 @@ def chunk_seed(seed: int, round_: int, chunk: int) -> int:
 
 def generate_round_rollouts(acc, model, tokenizer, problems: pd.DataFrame, *, samples_per_prompt: int,
                             temperature: float, max_new_tokens: int, seed: int, round_: int, policy_ref: str,
-                            enable_thinking: bool, batch_size: int, desc: str, decoder: str = "auto") -> pd.DataFrame:
+                            enable_thinking: bool, batch_size: int, desc: str, decoder: str = "auto",
+                            engine=None) -> pd.DataFrame:
     """This process's share of the round's rollouts (with ``response_token_ids``).
 
-    ``group`` = the prompt's position in the round (a problem may appear twice when the order
-    wraps): the unit of group statistics. ``batch_size`` sequences per generate call; ``decoder``
-    as ``rollout.hf_decoder``.
+    ``group`` = the prompt's position in the round: the unit of group statistics. ``batch_size``
+    sequences per generate call; ``decoder`` as ``rollout.hf_decoder``; ``engine``: a vLLM engine
+    holding the policy's weights (default: the HF engine over ``model``).
     """
     n = samples_per_prompt
     per_chunk = max(1, batch_size // n)
     chunks = [list(range(i, min(i + per_chunk, len(problems)))) for i in range(0, len(problems), per_chunk)]
     mine = [c for c in range(len(chunks)) if c % acc.num_processes == acc.process_index]
     was_training = model.training
-    engine = HFEngine(model.eval(), tokenizer, batch_size=per_chunk * n, decoder=decoder)
+    if engine is None:
+        engine = HFEngine(model.eval(), tokenizer, batch_size=per_chunk * n, decoder=decoder)
     frames = []
     for c in tqdm(mine, desc=desc, disable=not acc.is_main_process):
         sampling = Sampling(n=n, temperature=temperature, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,

@@ -131,12 +131,18 @@ def save_checkpoint(accelerator, wrapped, tokenizer, out_dir: Path, state: dict,
     return final
 
 
+def hf_state_dict(accelerator, wrapped) -> dict[str, torch.Tensor]:
+    """The causal LM's weights under their HF names, from a prepared wrapper whose ``.model`` it is
+    (a collective: the full state dict under FSDP, complete on the main process)."""
+    state_dict = accelerator.get_state_dict(wrapped)
+    return {k[len("model."):] if k.startswith("model.") else k: v for k, v in state_dict.items()}
+
+
 def save_hf_model(accelerator, wrapped, tokenizer, path: Path) -> None:
     """``save_pretrained`` of the causal LM inside a prepared wrapper (full state dict under FSDP)."""
-    state_dict = accelerator.get_state_dict(wrapped)
+    state_dict = hf_state_dict(accelerator, wrapped)
     inner = accelerator.unwrap_model(wrapped).model
     if accelerator.is_main_process:
-        state_dict = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state_dict.items()}
         inner.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)

@@ -104,9 +104,20 @@ class OPSDStage(RoundStage):
         self._teacher_prompts: dict[str, str] = {}
         if self.grader is None:
             self.grader = self._stack.enter_context(Grader(self.p.grading.workers, self.p.grading.timeout_s))
+        self.start_rollout_server(self.p, self.policy_ref)
 
     def close(self) -> None:
-        self._stack.close()
+        try:
+            self.stop_rollout_server()
+        finally:
+            self._stack.close()
+
+    def policy_weights(self) -> dict:
+        """The student's weights under HF names, LoRA merged in (a collective)."""
+        if not self.cfg.lora:
+            return super().policy_weights()
+        state = self.acc.get_state_dict(self.student)
+        return merged_lora_weights(state.items(), lora_scalings(self.policy)) if self.acc.is_main_process else {}
 
     def _load(self, ref: str):
         return load_model(ref, dtype="float32", device=self.acc.device,
@@ -169,7 +180,7 @@ class OPSDStage(RoundStage):
             samples_per_prompt=cfg.samples_per_prompt, temperature=cfg.sample_temperature,
             max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, round_=k, policy_ref=rounds_policy_ref(self.out, k),
             enable_thinking=self.p.model.enable_thinking, batch_size=self.p.rollout.batch_size,
-            decoder=self.p.rollout.hf_decoder, desc=f"opsd round {k} rollouts")
+            decoder=self.p.rollout.hf_decoder, desc=f"opsd round {k} rollouts", engine=self.engine)
 
     # ---------------------------------------------------------------- grade
     def grade(self, rollouts: pd.DataFrame, problems: pd.DataFrame) -> pd.DataFrame:
@@ -217,11 +228,11 @@ class OPSDStage(RoundStage):
         for step in range(cfg.steps_per_round):
             # Every process must join each collective: pad the shorter lists with empty batches.
             n_micro = int(acc.reduce(torch.tensor(len(batches), device=acc.device), "max").item())
-            for k in range(n_micro):
-                ctx = acc.no_sync(self.student) if k < n_micro - 1 else nullcontext()
+            for m in range(n_micro):
+                ctx = acc.no_sync(self.student) if m < n_micro - 1 else nullcontext()
                 with ctx:
-                    if k < len(batches):
-                        values = self.divergences(batches[k])
+                    if m < len(batches):
+                        values = self.divergences(batches[m])
                         loss = values.sum() / n_tokens  # mean over every selected token of every process
                         if step == 0:
                             first_values.append(values.detach().float().cpu().numpy())
@@ -293,9 +304,8 @@ class OPSDStage(RoundStage):
             if not self.cfg.lora:
                 save_hf_model(acc, self.student, self.tokenizer, tmp)
                 return
-            state = acc.get_state_dict(self.student)
+            merged = self.policy_weights()
             if acc.is_main_process:
-                merged = merged_lora_weights(state.items(), lora_scalings(self.policy))
                 causal_lm(self.policy).save_pretrained(tmp, state_dict=merged, safe_serialization=True)
                 self.tokenizer.save_pretrained(tmp)
                 self.policy.save_pretrained(tmp / "adapter")

@@ -86,9 +86,13 @@ class RLVRStage(RoundStage):
             raise ValueError(f"{self.problems_path}: no train split")
         if self.grader is None:
             self.grader = self._stack.enter_context(Grader(self.p.grading.workers, self.p.grading.timeout_s))
+        self.start_rollout_server(self.p, self.policy_ref)
 
     def close(self) -> None:
-        self._stack.close()
+        try:
+            self.stop_rollout_server()
+        finally:
+            self._stack.close()
 
     @property
     def policy(self):
@@ -116,7 +120,7 @@ class RLVRStage(RoundStage):
             temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, round_=k,
             policy_ref=rounds_policy_ref(self.out, k), enable_thinking=self.p.model.enable_thinking,
             batch_size=self.p.rollout.batch_size, decoder=self.p.rollout.hf_decoder,
-            desc=f"rlvr round {k} rollouts")
+            desc=f"rlvr round {k} rollouts", engine=self.engine)
 
     # ---------------------------------------------------------------- grade
     def grade(self, rollouts: pd.DataFrame, problems: pd.DataFrame) -> pd.DataFrame:
@@ -143,8 +147,8 @@ class RLVRStage(RoundStage):
         adv = weight_negative(group_advantages(r, cfg.adv_scaling, batch_std), cfg.negative_weight)
         keep = ~zero_var if cfg.dynamic_sampling else np.ones(len(groups), bool)
         seqs = []  # (ids, response start, advantage, mini-batch)
-        for g, a, k in zip(groups, adv, keep):
-            if not k:
+        for g, a, kept in zip(groups, adv, keep):
+            if not kept:
                 continue
             mini = int(g["group"].iloc[0]) % cfg.mini_batches  # by global group index: layout-independent
             for (_, row), adv_i in zip(g.iterrows(), a):
@@ -188,16 +192,16 @@ class RLVRStage(RoundStage):
             for i, batches in enumerate(minis):
                 # Every process must join each collective: pad the shorter lists with empty batches.
                 n_micro = int(acc.reduce(torch.tensor(len(batches), device=acc.device), "max").item())
-                for k in range(n_micro):
-                    mb = batches[k] if k < len(batches) else []
-                    ctx = acc.no_sync(self.scorer) if k < n_micro - 1 else nullcontext()
+                for m in range(n_micro):
+                    mb = batches[m] if m < len(batches) else []
+                    ctx = acc.no_sync(self.scorer) if m < n_micro - 1 else nullcontext()
                     with ctx:
                         if mb:
                             logp = self._logprobs(self.scorer, mb)
-                            b_old = logp.detach() if old is None else old[i][k]
+                            b_old = logp.detach() if old is None else old[i][m]
                             adv_t, w_t = self._token_values(mb)
                             loss, st = clipped_policy_loss(logp, b_old, adv_t, w_t, cfg.eps_low, cfg.eps_high,
-                                                           None if ref is None else ref[i][k], cfg.kl_coef)
+                                                           None if ref is None else ref[i][m], cfg.kl_coef)
                         else:
                             # Nothing left on this process: a zero loss, but through the wrapped forward,
                             # so that DDP still joins the gradient all-reduce of the other processes.

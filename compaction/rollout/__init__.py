@@ -1,4 +1,4 @@
-"""Rollout engines (transformers generate, vLLM) and the rollouts table they produce."""
+"""Rollout engines (the policy in this process; a vLLM server) and the rollouts table they produce."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ from compaction.model.prompts import build_prompt, build_student_messages
 from compaction.params import ModelParams, RolloutParams
 from compaction.rollout.base import Completion, RolloutEngine, Sampling
 from compaction.rollout.hf import HFEngine
-from compaction.rollout.vllm_engine import VLLMEngine, vllm_available
+from compaction.rollout.vllm_server import VLLMServer, VLLMServerEngine, VLLMServerError, eos_token_ids, write_weights
 
 __all__ = [
-    "Completion", "HFEngine", "RolloutEngine", "Sampling", "VLLMEngine", "generate_rollouts", "make_engine",
-    "sampling_from", "vllm_available", "write_rollouts",
+    "Completion", "HFEngine", "RolloutEngine", "Sampling", "VLLMServer", "VLLMServerEngine", "VLLMServerError",
+    "eos_token_ids", "generate_rollouts", "make_engine", "sampling_from", "vllm_server", "write_rollouts",
+    "write_weights",
 ]
 
 
@@ -27,10 +28,38 @@ def sampling_from(rollout: RolloutParams, **changes) -> Sampling:
     return Sampling(**s)
 
 
+def vllm_server(policy_ref: str, rollout: RolloutParams, model: ModelParams, log_path: str | Path | None = None,
+                started: bool = True) -> VLLMServer:
+    """The job's vLLM server on ``policy_ref`` (``rollout.vllm_url``: the running one), healthy."""
+    import torch
+
+    dtype = model.dtype if model.dtype != "auto" else "bfloat16" if torch.cuda.is_available() else "float32"
+    server = VLLMServer(policy_ref, url=rollout.vllm_url, seed=rollout.seed, dtype=dtype,
+                        max_model_len=rollout.vllm_max_model_len,
+                        tensor_parallel_size=rollout.vllm_tensor_parallel_size,
+                        gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
+                        cpu_kv_cache_gib=rollout.vllm_cpu_kv_cache_gib,
+                        startup_timeout_s=rollout.vllm_startup_timeout_s, log_path=log_path)
+    return server.start() if started else server
+
+
 def make_engine(policy_ref: str, rollout: RolloutParams, model: ModelParams, device: str = "cpu") -> RolloutEngine:
+    """The evaluation / rollout-grading engine on ``policy_ref``; ``close()`` it (a vLLM server
+    started for it is stopped then; with ``rollout.vllm_url`` the running server gets the
+    checkpoint's weights)."""
     if rollout.backend == "vllm":
-        return VLLMEngine(policy_ref, dtype=model.dtype, gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
-                          tensor_parallel_size=rollout.vllm_tensor_parallel_size, seed=rollout.seed)
+        from compaction.model import load_tokenizer
+
+        tokenizer = load_tokenizer(model.tokenizer or policy_ref)
+        server = vllm_server(policy_ref, rollout, model)
+        try:
+            engine = VLLMServerEngine(server, tokenizer, eos_token_ids(policy_ref, tokenizer))
+            if server.external:
+                engine.reload(policy_ref)
+        except BaseException:
+            server.close()
+            raise
+        return engine
     return HFEngine.from_pretrained(policy_ref, dtype=model.dtype, device=device, batch_size=rollout.batch_size,
                                     decoder=rollout.hf_decoder)
 
