@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -283,6 +283,17 @@ class OPSDParams(Section):
         "every N rounds and after the last; not part of the cache key.")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept; older ones are deleted.")
     seed: int = Field(0)
+
+    @field_validator("beta")
+    @classmethod
+    def _jsd_beta_inside(cls, beta: float, info: ValidationInfo) -> float:
+        # At beta 0 or 1 the mixture equals one side and the JSD is exactly 0, gradient too
+        # (kernels/divergence.py). TRL's generalised JSD means reverse / forward KL there.
+        if info.data.get("divergence") == "jsd" and beta in (0.0, 1.0):
+            kl = "reverse_kl" if beta == 1.0 else "forward_kl"
+            raise ValueError(f"divergence jsd with beta {beta:g} is identically 0 and trains nothing; "
+                             f"for what TRL's generalized JSD means at beta={beta:g}, set opsd.divergence={kl}")
+        return beta
 
     @model_validator(mode="after")
     def _template_needs_text(self) -> "OPSDParams":

@@ -22,7 +22,8 @@ from tasks.cache import StagePolicy, call, stage_key, stage_task
 from tasks.launch import StageProgress, grader_for, launch
 from tasks.runs import stage_run
 
-SECTIONS = ("opsd", "model", "rollout.batch_size", "rollout.hf_decoder", "grading", "eval.epistemic_markers")
+SECTIONS = ("opsd", "model", "rollout.backend", "rollout.batch_size", "rollout.hf_decoder", "grading",
+            "eval.epistemic_markers")
 EXCLUDE = {"opsd": ("conditions", "save_every", "keep_checkpoints")}
 
 

@@ -19,7 +19,7 @@ from tasks.cache import StagePolicy, call, stage_key, stage_task
 from tasks.launch import StageProgress, grader_for, launch
 from tasks.runs import stage_run
 
-SECTIONS = ("rlvr", "model", "rollout.batch_size", "rollout.hf_decoder", "grading")
+SECTIONS = ("rlvr", "model", "rollout.backend", "rollout.batch_size", "rollout.hf_decoder", "grading")
 #: Fields that do not change the stage's result (checkpoints are bitwise-neutral).
 EXCLUDE = {"rlvr": ("save_every", "keep_checkpoints")}
 

@@ -107,3 +107,13 @@ def test_section_hash_changes_only_with_its_section():
 
 def test_flatten():
     assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": "x"}) == {"a.b": 1, "a.c": "[1, 2]", "d": "x"}
+
+
+@pytest.mark.parametrize("beta, kl", [(0.0, "forward_kl"), (1.0, "reverse_kl")])
+def test_jsd_at_beta_0_or_1_is_refused_with_the_kl_it_means(repo, beta, kl):
+    """JSD at the ends of beta is identically 0 (no gradient): a run would learn nothing. TRL's
+    generalized JSD means forward KL at 0 and reverse KL at 1: the error points there."""
+    with pytest.raises(ParamsError, match=rf"demo.yaml: opsd.beta: .*trains nothing.*opsd.divergence={kl}"):
+        load_params(repo / "params" / "demo.yaml", ["opsd.divergence=jsd", f"opsd.beta={beta}"])
+    assert load_params(repo / "params" / "demo.yaml", ["opsd.divergence=jsd", "opsd.beta=0.3"]).opsd.beta == 0.3
+    assert load_params(repo / "params" / "demo.yaml", [f"opsd.beta={beta}"]).opsd.divergence == "reverse_kl"
