@@ -69,12 +69,26 @@ def write_parquet(df: pd.DataFrame, path: str | os.PathLike, schema: pa.Schema |
     return path
 
 
+def _parquet_read(path: Path, read):
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such Parquet file")
+    try:
+        return read(path)
+    except Exception as exc:  # pyarrow's messages (e.g. "magic bytes not found") leave out the file
+        raise ValueError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})") from exc
+
+
+def parquet_columns(path: str | os.PathLike) -> list[str]:
+    """The column names of a Parquet file (its schema only), failing with the file named."""
+    import pyarrow.parquet as pq
+
+    return _parquet_read(Path(path), lambda p: pq.read_schema(p).names)
+
+
 def read_parquet(path: str | os.PathLike, required: list[str] | tuple[str, ...] = ()) -> pd.DataFrame:
     """Read a Parquet file, failing with the file and the missing columns named."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such Parquet file")
-    df = pd.read_parquet(path)
+    df = _parquet_read(path, pd.read_parquet)
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: missing required column(s) {missing}; has {list(df.columns)}")

@@ -627,11 +627,9 @@ def grade_rollouts(rollouts: "pd.DataFrame", answers: "pd.DataFrame | None" = No
 
 def _check_columns(path: Path, required: Sequence[str], hint: str = "") -> None:
     """Fail before any work, naming the file and the missing column(s); reads only the schema."""
-    import pyarrow.parquet as pq
+    from compaction.artifacts import parquet_columns
 
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such Parquet file")
-    names = pq.read_schema(path).names
+    names = parquet_columns(path)
     missing = [c for c in required if c not in names]
     if missing:
         raise ValueError(f"{path}: missing required column(s) {missing}{hint}; has {names}")

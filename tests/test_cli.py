@@ -63,6 +63,22 @@ def test_grade_cli_missing_column_is_a_clear_error(tmp_path):
     assert not (tmp_path / "out.parquet").exists()
 
 
+@pytest.mark.parametrize("which", ["input", "problems"])
+def test_grade_cli_corrupt_parquet_is_named(tmp_path, which):
+    """pyarrow says "magic bytes not found" without the file: the error must name it."""
+    good = tmp_path / "good.parquet"
+    pd.DataFrame({"rollout_id": ["r1"], "problem_id": ["p1"], "response": ["\\boxed{1}"],
+                  "answer": ["1"]}).to_parquet(good)
+    bad = tmp_path / "not-a-parquet.parquet"
+    bad.write_text("rollout_id,response\nr1,1\n")
+    args = [str(bad), str(tmp_path / "out.parquet")] if which == "input" else [
+        str(good), str(tmp_path / "out.parquet"), "--problems", str(bad)]
+    r = run_cli("grade", *args, home=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert f"{bad}: not a readable Parquet file" in r.stderr
+    assert not (tmp_path / "out.parquet").exists()
+
+
 @pytest.mark.slow
 def test_demo_runs_the_post_train_flow_and_prints_the_report_table(tmp_path):
     r = run_cli("demo", "--params", "params/smoke.yaml", home=tmp_path)
