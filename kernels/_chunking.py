@@ -84,9 +84,26 @@ def run_chunks(
     return ChunkGrads(grad_hidden, grad_weight)
 
 
+ROWDOT_BLOCK = 1024
+
+
 def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum(a * b, dim=1) without an [rows, V] temporary (a batched 1 x V @ V x 1 product)."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+    """sum(a * b, dim=1) with an [rows, ROWDOT_BLOCK] temporary instead of [rows, V].
+
+    Each block is multiplied into the temporary and summed by ``sum`` (pairwise, vectorised);
+    the blocks' sums are added. A batched ``1 x V @ V x 1`` product (no temporary at all) sums
+    sequentially on CPU: its error was ~30x larger, and it reached the reverse-KL / JSD gradients
+    through ``p * (s - t - KL)`` (up to 8x eager's error at T < 1).
+    """
+    rows, vocab = a.shape
+    if vocab <= ROWDOT_BLOCK:
+        return (a * b).sum(1)
+    out = torch.zeros(rows, dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
+    tmp = torch.empty(rows, ROWDOT_BLOCK, dtype=out.dtype, device=a.device)
+    for v0 in range(0, vocab, ROWDOT_BLOCK):
+        v1 = min(v0 + ROWDOT_BLOCK, vocab)
+        out += torch.mul(a[:, v0:v1], b[:, v0:v1], out=tmp[:, : v1 - v0]).sum(1)
+    return out
 
 
 def is_uniform(grad_output: torch.Tensor) -> bool:
