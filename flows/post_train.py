@@ -16,7 +16,7 @@ from uuid import UUID
 from prefect import flow
 
 from flows.compact import check_conditions, compaction
-from tasks.runs import flow_run, load_flow_params
+from tasks.runs import flow_params_file, flow_run, load_flow_params
 from tasks.data import prepare_data, prepare_model
 from tasks.evaluate import evaluate, record_evaluation
 from tasks.registry import announce_checkpoint, register_rlvr
@@ -74,7 +74,8 @@ def post_train(params: str = "params/demo.yaml", overrides: list[str] = [],  # n
         # baseline evaluation is this one, from the cache.
         record_evaluation(p, evaluate(p, registered["path"], data["problems"]), "rlvr", None, registered["uri"], parent,
                           train_run_id=trained_rlvr["run_id"])
-        announced = announce_checkpoint(registered, return_state=True)
+        announced = announce_checkpoint(registered, str(flow_params_file(params).resolve()), list(overrides),
+                                        return_state=True)
         wait_until_recorded(announced.state_details.task_run_id)
         result = compaction(params=params, overrides=overrides, checkpoint=registered["uri"], conditions=conditions)
         return {"sft": sft_ckpt, "rlvr": registered, "compaction": result, "mlflow_run_id": parent}

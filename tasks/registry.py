@@ -6,6 +6,8 @@ checkpoint folder).
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -107,17 +109,28 @@ def register_compacted(params: Params, checkpoint: str, run_id: str | None, cond
             "promoted": promote, "promotion": reason}
 
 
+def landed_payload(registered: dict, params_file: str | None = None, overrides: Sequence[str] = ()) -> dict:
+    """The ``rlvr.checkpoint.landed`` payload: the checkpoint, and the study that made it (its
+    params file, absolute, and overrides), which the ``opsd-correct`` trigger passes on so that the
+    checkpoint is compacted with its own study's params (prefect.yaml). Without ``params_file`` the
+    trigger falls back to the deployment's default, ``params/demo.yaml``."""
+    payload = {"checkpoint": registered["uri"], "name": registered["name"], "version": registered["version"]}
+    if params_file is not None:
+        payload.update(params=str(params_file), overrides=list(overrides))
+    return payload
+
+
 @task(name="announce_checkpoint", cache_policy=NO_CACHE)
-def announce_checkpoint(registered: dict) -> str | None:
+def announce_checkpoint(registered: dict, params_file: str | None = None, overrides: Sequence[str] = ()) -> str | None:
     """Emit ``rlvr.checkpoint.landed`` (resource ``rlvr.checkpoint.<name>.<version>``, payload
-    ``{"checkpoint": models:/name/N}``): the trigger of the ``opsd-correct`` deployment."""
+    :func:`landed_payload`): the trigger of the ``opsd-correct`` deployment."""
     from prefect.events import emit_event
 
     event = emit_event(
         event=LANDED_EVENT,
         resource={"prefect.resource.id": f"rlvr.checkpoint.{registered['name']}.{registered['version']}",
                   "prefect.resource.name": registered["uri"]},
-        payload={"checkpoint": registered["uri"], "name": registered["name"], "version": registered["version"]},
+        payload=landed_payload(registered, params_file, overrides),
     )
     get_run_logger().info("emitted %s for %s", LANDED_EVENT, registered["uri"])
     return str(event.id) if event else None

@@ -14,13 +14,18 @@ from compaction.params import Params, load_params
 from tasks.cache import section_payload
 
 
-def load_flow_params(params: str, overrides: Sequence[str] = ()) -> Params:
-    """The flow's params: a relative file resolves against ``$COMPACTION_HOME`` or the working
-    directory (prefect.yaml's pull step sets it to the project); errors name the file and key."""
+def flow_params_file(params: str) -> Path:
+    """A flow's params file: a relative path resolves against ``$COMPACTION_HOME`` or the working
+    directory (prefect.yaml's pull step sets it to the project)."""
     path = Path(params)
     if not path.is_absolute():
         path = Path(os.environ.get("COMPACTION_HOME", os.getcwd())) / path
-    return load_params(path, list(overrides or []))
+    return path
+
+
+def load_flow_params(params: str, overrides: Sequence[str] = ()) -> Params:
+    """The flow's params (:func:`flow_params_file`); errors name the file and key."""
+    return load_params(flow_params_file(params), list(overrides or []))
 
 
 @functools.lru_cache(maxsize=None)

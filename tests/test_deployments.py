@@ -104,8 +104,54 @@ def test_landed_event_triggers_an_opsd_correct_run_with_its_checkpoint(deployed)
         time.sleep(1)
     assert runs, "no opsd-correct flow run was created by the rlvr.checkpoint.landed trigger"
     assert runs[0].parameters["conditions"] == ["correct"]
+    # No study in the payload (a version registered by something else): the documented default.
+    assert runs[0].parameters["params"] == "params/demo.yaml" and runs[0].parameters["overrides"] == []
     other = [r for r in flow_runs_of("compaction/opsd-all") if r.parameters.get("checkpoint") == uri]
     assert other == []  # only opsd-correct listens
+
+
+def test_announced_checkpoint_is_compacted_with_its_own_studys_params(deployed, tiny_model):
+    """The event post-train emits (tasks.registry.announce_checkpoint, the real emitter) carries
+    the study's params file and overrides; the trigger passes them on, and the worker compacts
+    the checkpoint with the smoke params, into the smoke study's MLflow experiment."""
+    from prefect import flow, get_client
+    from prefect.events.worker import EventsWorker
+    from prefect.states import Cancelled
+
+    from tasks.registry import announce_checkpoint
+
+    overrides = ["opsd.seed=5"]
+
+    @flow
+    def announce():
+        announce_checkpoint({"name": "rlvr", "version": 7, "uri": tiny_model}, SMOKE, overrides)
+
+    announce()
+    EventsWorker.drain_all(timeout=30)
+    deadline, runs = time.monotonic() + 90, []
+    while time.monotonic() < deadline and not runs:
+        runs = [r for r in flow_runs_of("compaction/opsd-correct") if r.parameters.get("checkpoint") == tiny_model
+                and r.state.is_scheduled()]
+        time.sleep(1)
+    assert runs, "no opsd-correct flow run was created by the rlvr.checkpoint.landed trigger"
+    assert runs[0].parameters["params"] == SMOKE and runs[0].parameters["overrides"] == overrides
+    with get_client(sync_client=True) as client:  # the worker below runs this one only
+        for other in flow_runs_of("compaction/opsd-correct"):
+            if other.id != runs[0].id and other.state.is_scheduled():
+                client.set_flow_run_state(other.id, Cancelled(), force=True)
+    worker_log = prefect_cli(["worker", "start", "--pool", POOL, "--work-queue", "default", "--run-once"],
+                             deployed["env"], timeout=420)
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(runs[0].id)
+    assert run.state.is_completed(), f"{run.state}\n{worker_log[-4000:]}"
+    import mlflow
+
+    store = mlflow.MlflowClient(f"sqlite:///{deployed['project'] / 'mlflow.db'}")
+    smoke = store.get_experiment_by_name("compaction-smoke")
+    assert smoke is not None
+    opsd_runs = store.search_runs([smoke.experiment_id], "tags.stage = 'opsd'")
+    assert any(r.data.params.get("opsd.seed") == "5" for r in opsd_runs), [r.data.params for r in opsd_runs]
+    assert store.get_experiment_by_name("compaction-demo") is None
 
 
 def test_watch_rlvr_starts_opsd_correct_once_per_new_version(deployed, tiny_model, monkeypatch):
