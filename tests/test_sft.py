@@ -144,5 +144,5 @@ def test_two_processes_follow_the_one_process_loss_curve(smoke_data, tiny_model,
     assert len(l1) == len(l2) == 4
     assert l2 == pytest.approx(l1, rel=1e-4)
     a, b = weights(one / "final"), weights(two / "final")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    for k in a:  # Adam's normalised steps turn gradient rounding (other reduction order) into ~1e-5
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=3e-5)
