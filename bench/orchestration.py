@@ -8,7 +8,7 @@
    and GC freeze (``flows.direct.prepare_process``, timed apart; the fraction with them counted is
    printed too). Overhead = flow wall time minus the
    seconds inside jobs (each task records the time of its job call), as a fraction of the flow
-   wall time. Target <= 10%. The report counts as stage work (a stage of DESIGN.md that is never
+   wall time. Target <= 10%. The report counts as stage work (a stage in docs/design.md that is never
    cached); the flows run as ``compaction run`` runs them (flows.direct: no heartbeats in
    ephemeral mode). It also prints where the overhead goes: per layer (MLflow store calls and
    Prefect API calls made by the main thread outside jobs; the rest is Prefect's engine and our

@@ -598,7 +598,7 @@ def _golds_for(rollouts: "pd.DataFrame", answers: "pd.DataFrame | None") -> list
 
 def grade_rollouts(rollouts: "pd.DataFrame", answers: "pd.DataFrame | None" = None, workers: int = 2,
                    timeout_s: float = 5.0, progress: bool = False, grader: Grader | None = None) -> "pd.DataFrame":
-    """Grades frame (DESIGN.md schema) for ``rollouts`` (rollout_id, response, answer or problem_id).
+    """Grades frame (schema: docs/design.md) for ``rollouts`` (rollout_id, response, answer or problem_id).
 
     Gold answers come from ``answers`` (problem_id, answer) joined on problem_id when given,
     else from the rollouts' own ``answer`` column. Pass ``grader`` to reuse running workers.

@@ -1,1 +1,1 @@
-"""flows layer (see DESIGN.md, Layers)."""
+"""flows layer (see docs/design.md, "Layers and the import rule")."""

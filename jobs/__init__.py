@@ -1,1 +1,1 @@
-"""jobs layer (see DESIGN.md, Layers)."""
+"""jobs layer (see docs/design.md, "Layers and the import rule")."""

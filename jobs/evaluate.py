@@ -9,7 +9,7 @@ Benchmarks: the embedded eval split (named ``synthetic``: the ``eval`` split of
 
 Writes, as one folder renamed into place when complete::
 
-    OUT/<bench>/rollouts.parquet    the eval rollouts (DESIGN.md schema)
+    OUT/<bench>/rollouts.parquet    the eval rollouts (the rollouts schema of docs/design.md)
     OUT/<bench>/grades.parquet      their verdicts
     OUT/metrics.json                {"eval/<bench>/<name>": value}
 

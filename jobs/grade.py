@@ -2,7 +2,7 @@
 
     python -m jobs.grade --params params/demo.yaml --rollouts ROLLOUTS --problems PROBLEMS --out OUT
 
-Writes grades.parquet (DESIGN.md schema) atomically.
+Writes grades.parquet (schema: docs/design.md, "Stages and what they exchange") atomically.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
                         --out OUT --condition correct
     accelerate launch --config_file params/accelerate/cpu-2proc.yaml -m jobs.opsd ...   # same code
 
-The method (DESIGN.md, "The method, precisely"): the student samples its own responses y to
+The method (docs/design.md, "The method, precisely"): the student samples its own responses y to
 training problems; the verifier grades them; the condition (`all`, `correct`, `incorrect`, by
 rollout or by group) picks the rollouts that enter the loss; the teacher, the same architecture
 prompted with the problem *plus a privileged context* (reference solution, final answer, or a
@@ -348,7 +348,7 @@ class OPSDStage(RoundStage):
         return {
             "opsd/accuracy": float(grades["correct"].astype(float).mean()) if total else float("nan"),
             "opsd/selected_fraction": fraction,
-            "opsd/kept_fraction": fraction,  # DESIGN.md's name for the same number
+            "opsd/kept_fraction": fraction,  # the same number (docs/design.md, "Tracking and the report")
             **{f"opsd/{k}": v for k, v in lengths.items()},
             "opsd/epistemic_rate": epistemic_rate(rollouts["response"], rollouts["response_tokens"].sum(),
                                                   self.p.eval.epistemic_markers),

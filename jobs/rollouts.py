@@ -2,7 +2,7 @@
 
     python -m jobs.rollouts --params params/demo.yaml --policy CKPT --problems PROBLEMS --split eval --out OUT
 
-Writes rollouts.parquet (DESIGN.md schema) atomically.
+Writes rollouts.parquet (schema: docs/design.md, "Stages and what they exchange") atomically.
 """
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""tasks layer (see DESIGN.md, Layers)."""
+"""tasks layer (see docs/design.md, "Layers and the import rule")."""

@@ -15,7 +15,8 @@ from tasks.launch import timed_job
 def report(params: Params, parent_run_id: str | None) -> dict:
     from compaction.report import make_report
 
-    # The report is a stage (DESIGN.md's table): its figures and tables are its job's work.
+    # The report is a stage (docs/design.md, "Stages and what they exchange"): its figures
+    # and tables are its job's work.
     result, _ = timed_job("report", lambda: make_report(params, parent_run_id=parent_run_id))
     get_run_logger().info("report for study %s: %d rows -> %s", params.study, len(result.payload["rows"]),
                           result.out_dir / "report.md")

@@ -1,4 +1,5 @@
-"""Column contracts of the Parquet files that stages exchange (DESIGN.md, "Stages").
+"""Column contracts of the Parquet files that stages exchange (docs/design.md, "Stages and what
+they exchange").
 
 Stages may add columns; they never drop these.
 """
