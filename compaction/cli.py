@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from compaction.enums import CONDITIONS  # imports only typing: --help stays instant
+
 OFFLINE_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -65,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint", default=None,
                      help="compaction: RLVR checkpoint path or models:/ URI (default models:/rlvr@latest)")
     run.add_argument("--condition", dest="conditions", action="append", default=None,
-                     choices=["baseline", "all", "correct", "incorrect"],
+                     choices=CONDITIONS,
                      help="compaction, post-train: OPSD condition (repeatable; default opsd.conditions)")
 
     rep = sub.add_parser("report", help="one study's models x benchmarks table with bootstrap intervals, plots, maps")

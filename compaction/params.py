@@ -21,6 +21,12 @@ from typing import Any, Literal, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+# The choice sets that other modules also spell are defined once, outside this file (both import no
+# pandas or torch): OPSD conditions and units (compaction.enums, re-exported by compaction.selection),
+# divergence kinds and kernel backends (kernels._kinds, exported by kernels).
+from compaction.enums import CONDITIONS, Condition, Unit
+from kernels import Backend, Kind
+
 
 class Section(BaseModel):
     """Base of every section: unknown keys are errors, values are validated on assignment."""
@@ -92,12 +98,17 @@ class DatasetSpec(Section):
 
 
 class DataParams(Section):
+    """Where the problems come from (the data stage writes them to one problems Parquet)."""
+
     source: Literal["synthetic", "dataset"] = Field(
         "synthetic", description="`synthetic` = the embedded domain; `dataset` = train on `train_set`."
     )
-    synthetic: SyntheticDomain = Field(default_factory=SyntheticDomain)
+    synthetic: SyntheticDomain = Field(
+        default_factory=SyntheticDomain, description="The embedded domain's generator (used when source = synthetic).")
     train_set: DatasetSpec | None = Field(None, description="Training problems when source = dataset.")
-    eval_fraction: float = Field(0.1, gt=0, lt=1, description="Held-out share when a real train_set is split.")
+    eval_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Fraction of a real train_set's problems held out as the eval split (source = "
+        "dataset), chosen by a hash of problem_id: stable, and no problem lands in both splits.")
 
     @model_validator(mode="after")
     def _dataset_needs_train_set(self) -> "DataParams":
@@ -111,49 +122,72 @@ class TinyModel(Section):
     """Size of the embedded random-initialised Qwen3 model and its locally trained tokenizer."""
 
     vocab_size: int = Field(512, ge=64, description="Target BPE vocabulary size (special tokens included).")
-    hidden_size: int = Field(128, ge=8)
-    intermediate_size: int = Field(384, ge=8)
-    num_hidden_layers: int = Field(4, ge=1)
-    num_attention_heads: int = Field(4, ge=1)
-    num_key_value_heads: int = Field(2, ge=1)
-    head_dim: int = Field(32, ge=4)
-    max_position_embeddings: int = Field(1024, ge=64)
+    hidden_size: int = Field(128, ge=8, description="Width of the residual stream (Qwen3Config.hidden_size).")
+    intermediate_size: int = Field(
+        384, ge=8, description="Inner width of each SwiGLU MLP block (Qwen3Config.intermediate_size).")
+    num_hidden_layers: int = Field(4, ge=1, description="Transformer decoder layers.")
+    num_attention_heads: int = Field(4, ge=1, description="Query heads per attention layer.")
+    num_key_value_heads: int = Field(
+        2, ge=1, description="Key/value heads per attention layer (grouped-query attention; must divide "
+        "num_attention_heads).")
+    head_dim: int = Field(32, ge=4, description="Width of each attention head (Qwen3 sets it apart from hidden_size).")
+    max_position_embeddings: int = Field(
+        1024, ge=64, description="Longest sequence (prompt + response) the model is configured for, in tokens (RoPE).")
     tie_word_embeddings: bool = Field(True, description="Qwen3 small models tie the LM head to the embeddings.")
     seed: int = Field(0, description="Seed of the random initialisation.")
 
 
 class ModelParams(Section):
+    """The base model every stage starts from, and how it is loaded and scored."""
+
     name_or_path: str = Field(
         "embedded", description="`embedded` builds the tiny model; otherwise a hub id or a local HF checkpoint."
     )
     tokenizer: str | None = Field(None, description="Tokenizer path/id if different from the model's.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="`auto`: float32 on CPU, bfloat16 on GPU."
+        "auto", description="Weight dtype of the generation engines: the hf engine of evaluation and rollout "
+        "grading, and the vLLM server of every stage; training keeps float32 weights. `auto`: float32 on CPU, "
+        "bfloat16 on GPU."
     )
     enable_thinking: bool = Field(True, description="Pass enable_thinking to the chat template where it has one.")
     attn_implementation: str | None = Field(None, description="e.g. 'sdpa', 'flash_attention_2'; None = HF default.")
-    kernel_backend: Literal["auto", "triton", "torch", "eager"] = Field(
-        "auto", description="Log-prob / divergence kernels for every training stage: auto = triton on CUDA, torch elsewhere."
+    kernel_backend: Backend = Field(
+        "auto", description="Log-prob / divergence kernels (kernels.BACKENDS) for every training stage: `triton` "
+        "(fused, CUDA), `torch` (chunked over tokens, any device), `eager` (full logits: the reference), "
+        "`auto` = triton on CUDA, torch elsewhere."
     )
-    tiny: TinyModel = Field(default_factory=TinyModel)
+    tiny: TinyModel = Field(
+        default_factory=TinyModel, description="Size of the embedded model (used when name_or_path = embedded).")
 
 
 # ------------------------------------------------------------------------ rollout
 class RolloutParams(Section):
+    """The generation engine. Evaluation, rollout grading, RLVR and OPSD take the engine settings from
+    here and their own sampling settings (eval.*, opsd.*, rlvr.*); ``n``, ``temperature``, ``top_p``,
+    ``top_k``, ``max_new_tokens`` and ``seed`` are the defaults of the standalone rollouts job
+    (``python -m jobs.rollouts``), which those stages override."""
+
     backend: Literal["hf", "vllm"] = Field(
         "hf", description="`hf` = the policy's own weights in this process (transformers generate or the lean "
         "decoder); `vllm` = a vLLM server from its own environment (`make vllm`), weights reloaded every round.")
-    n: int = Field(4, ge=1, description="Samples per prompt.")
-    temperature: float = Field(1.0, ge=0.0, description="0 = greedy.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0 = disabled.")
-    max_new_tokens: int = Field(256, ge=1)
-    batch_size: int = Field(32, ge=1, description="Sequences per generate call (hf backend).")
+    n: int = Field(4, ge=1, description="Samples per prompt (rollouts job; evaluation uses eval.k, rollout grading "
+                   "opsd.group_samples).")
+    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature of the rollouts job; 0 = greedy.")
+    top_p: float = Field(
+        1.0, gt=0.0, le=1.0, description="Nucleus sampling: keep the smallest set of tokens whose probability "
+        "mass reaches this fraction (rollouts job; 1 = off).")
+    top_k: int = Field(
+        0, ge=0, description="Keep only the k most likely tokens when sampling (rollouts job); 0 = disabled.")
+    max_new_tokens: int = Field(256, ge=1, description="Longest response of the rollouts job, in tokens; longer ones "
+                                "are truncated (finish_reason `length`).")
+    batch_size: int = Field(32, ge=1, description="Sequences per generate call (hf backend), in every stage that "
+                            "generates (evaluation, rollout grading, RLVR and OPSD rounds).")
     hf_decoder: Literal["auto", "generate", "lean"] = Field(
         "auto", description="hf backend's decode loop: `generate` (transformers), `lean` (compaction.rollout.lean: "
         "plain Qwen3 loop, ~2x faster on CPU for the embedded model), `auto` = lean for a plain Qwen3 on CPU. "
         "Also used for RLVR / OPSD rollouts.")
-    seed: int = Field(0)
+    seed: int = Field(0, description="Sampling seed of the rollouts job, and the vLLM server's --seed (every "
+                      "stage). Evaluation, rollout grading, RLVR and OPSD sample with their own seeds.")
     vllm_url: str | None = Field(
         None, description="A vLLM server that is already running (e.g. on GPUs of its own), as http://HOST:PORT, "
         "started with VLLM_SERVER_DEV_MODE=1; None = each job starts its own. Weight reloads pass it a folder "
@@ -173,72 +207,120 @@ class RolloutParams(Section):
 
 
 class GradingParams(Section):
+    """The math-verify grader (compaction/grading.py): a pool of worker processes, shared by a job's rounds."""
+
     workers: int = Field(2, ge=1, description="math-verify worker processes.")
-    timeout_s: float = Field(5.0, gt=0, description="Hard per-row deadline; a hung worker is killed and replaced.")
+    timeout_s: float = Field(
+        5.0, gt=0, description="Hard per-row deadline, in seconds; a hung worker is killed and replaced, and the "
+        "row is graded incorrect (status timeout).")
 
 
 # ---------------------------------------------------------------------------- SFT
 class SFTParams(Section):
-    lr: float = Field(3e-3, gt=0)
+    """Stage sft (jobs/sft.py): supervised fine-tuning on the traces, AdamW with a cosine schedule."""
+
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate of AdamW (betas 0.9, 0.95), after warmup.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine schedule floor as a fraction of lr.")
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(
+        0.05, ge=0, lt=1, description="Fraction of the optimizer steps with a linear warmup from 0 to lr; 0 = none.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay.")
     epochs: float = Field(3.0, gt=0, description="Passes over the traces (fractional allowed).")
     max_steps: int | None = Field(None, ge=1, description="Cap on optimizer steps (overrides epochs).")
     batch_size: int = Field(32, ge=1, description="Global batch in sequences per optimizer step.")
     micro_batch_size: int = Field(32, ge=1, description="Sequences per forward pass; accumulation = batch/micro.")
-    max_seq_len: int = Field(512, ge=16)
+    max_seq_len: int = Field(
+        512, ge=16, description="Longest training sequence (prompt + response + end token), in tokens: longer ones are "
+        "cut; a trace with no response token left is dropped.")
     length_grouping: int = Field(
         16, ge=0, description="Sort the traces by length within runs of this many global batches and shuffle the "
         "batches of each run: a batch then pads to nearly its own length (~20% fewer tokens per step on the "
         "demo). 0 or 1 = plain random batches.")
-    grad_clip: float = Field(1.0, gt=0)
+    grad_clip: float = Field(1.0, gt=0, description="Largest global gradient norm (L2, clipped before each step).")
     save_every: int = Field(100, ge=1, description="Checkpoint every N optimizer steps (and at the end).")
-    seed: int = Field(0)
+    seed: int = Field(0, description="Seed of the torch RNG and of the batch order (shuffle and length grouping).")
 
 
 # --------------------------------------------------------------------------- RLVR
 class RLVRParams(Section):
-    rounds: int = Field(10, ge=0, description="Rounds of rollouts -> grade -> update.")
-    prompts_per_round: int = Field(32, ge=1)
-    samples_per_prompt: int = Field(8, ge=2, description="Group size for group-normalised advantages.")
+    """Stage rlvr (jobs/rlvr.py): GRPO-family RL with verifiable rewards (reward 1 correct / 0 not, from
+    math-verify), with DAPO's clip-higher, token-mean loss, dynamic sampling and overlong treatment as
+    options. AdamW (betas 0.9, 0.99, no weight decay) at a constant lr; gradient norm clipped at 1."""
+
+    rounds: int = Field(10, ge=0, description="Rounds of rollouts -> grade -> update; 0 = skip RLVR (the SFT "
+                        "checkpoint is the RLVR checkpoint).")
+    prompts_per_round: int = Field(
+        32, ge=1, description="Training problems per round (a seeded walk over the train split, epoch after epoch).")
+    samples_per_prompt: int = Field(
+        8, ge=2, description="Group size: rollouts per prompt, whose rewards give the group-normalised advantages "
+        "(GRPO).")
     steps_per_round: int = Field(1, ge=1, description="Passes (PPO epochs) over the round's batch.")
     mini_batches: int = Field(
         1, ge=1, description="Optimizer steps per pass: the kept groups are split by group index into this "
         "many mini-batches (PPO mini-batches), so a round's rollouts give several steps at the cost of one "
         "extra forward pass for the behaviour log-probs. 1 with steps_per_round 1 = fully on-policy.")
-    micro_batch_size: int = Field(16, ge=1)
-    lr: float = Field(1e-4, gt=0)
-    eps_low: float = Field(0.2, ge=0)
-    eps_high: float = Field(0.28, ge=0, description="DAPO clip-higher.")
+    micro_batch_size: int = Field(16, ge=1, description="Sequences per forward/backward pass (gradient accumulation).")
+    lr: float = Field(1e-4, gt=0, description="Learning rate of AdamW (constant, no schedule).")
+    eps_low: float = Field(
+        0.2, ge=0, description="Lower clip range of the PPO-clip surrogate: the importance ratio is clipped below at "
+        "1 - eps_low (PPO, GRPO).")
+    eps_high: float = Field(
+        0.28, ge=0, description="Upper clip range: the ratio is clipped above at 1 + eps_high. Larger than eps_low = "
+        "DAPO's clip-higher, which leaves low-probability tokens room to grow (against entropy collapse).")
     loss_agg: Literal["token_mean", "seq_mean", "const_norm"] = Field(
-        "token_mean", description="token_mean (DAPO), seq_mean (GRPO), const_norm (Dr.GRPO)."
+        "token_mean", description="How per-token losses are averaged over the global batch: token_mean (DAPO) = over "
+        "every response token; seq_mean (GRPO) = over each sequence's tokens, then over sequences; const_norm "
+        "(Dr. GRPO) = sum over tokens divided by sequences x max_new_tokens (no length bias)."
     )
-    adv_scaling: Literal["group", "batch", "none"] = Field("group", description="Divide advantages by this std.")
+    adv_scaling: Literal["group", "batch", "none"] = Field(
+        "group", description="What the group-centred advantages (reward minus group mean) are divided by: `group` = "
+        "the group's reward std (GRPO), `batch` = the std of every reward of the round, `none` = nothing "
+        "(Dr. GRPO, which drops the std normalisation as a difficulty bias).")
     negative_weight: float = Field(
         1.0, ge=0, le=1, description="Factor on negative advantages. 1 = GRPO/DAPO as usual; 0 = reinforce only "
         "the better-than-average samples of each group (positive sample reinforcement: a RAFT-like update, "
         "which pushes no probability mass away from sampled tokens and so tolerates a higher lr).")
-    kl_coef: float = Field(0.0, ge=0, description="k3 KL to the frozen reference; 0 = off.")
-    dynamic_sampling: bool = Field(True, description="Drop groups whose rewards all agree.")
-    overlong: Literal["mask", "penalty", "none"] = Field("mask", description="Treatment of truncated responses.")
-    overlong_buffer: int = Field(32, ge=0, description="Soft penalty ramp length in tokens (overlong=penalty).")
-    temperature: float = Field(1.0, gt=0)
-    max_new_tokens: int = Field(256, ge=1)
+    kl_coef: float = Field(
+        0.0, ge=0, description="Weight of the per-token KL penalty to the frozen reference (the policy RLVR starts "
+        "from, i.e. the SFT checkpoint), estimated with Schulman's k3 estimator exp(ref - logp) - (ref - logp) - 1; "
+        "0 = off (no reference model is loaded).")
+    dynamic_sampling: bool = Field(
+        True, description="Drop groups whose rewards all agree (zero advantage, no learning signal): DAPO's dynamic "
+        "sampling filter, without DAPO's extra sampling to refill the batch.")
+    overlong: Literal["mask", "penalty", "none"] = Field(
+        "mask", description="Treatment of truncated responses (hit max_new_tokens): `mask` = left out of the loss "
+        "(DAPO's overlong filtering: no verdict on an unfinished answer); `penalty` = DAPO's soft overlong "
+        "punishment added to the reward (see overlong_buffer); `none` = trained like the others.")
+    overlong_buffer: int = Field(
+        32, ge=0, description="Length of DAPO's soft overlong punishment ramp, in tokens (overlong = penalty): 0 up "
+        "to max_new_tokens - overlong_buffer, then linearly down to -1 at max_new_tokens; 0 = no penalty.")
+    temperature: float = Field(
+        1.0, gt=0, description="Sampling temperature of the round's rollouts, also applied to the log-probs of the "
+        "loss (so the ratio compares the distributions that were sampled).")
+    max_new_tokens: int = Field(
+        256, ge=1, description="Longest rollout response, in tokens (truncated beyond); also the constant of "
+        "const_norm and the end of the overlong ramp.")
     save_every: int = Field(
         10, ge=1, description="Write a resumable checkpoint (weights, optimizer, RNG, round index) every N "
         "rounds and after the last; does not change the result, so not part of the cache key.")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept; older ones are deleted.")
-    seed: int = Field(0)
+    seed: int = Field(0, description="Seed of the rounds' prompt order and of the rollouts' sampling.")
 
 
 # --------------------------------------------------------------------------- OPSD
 class OPSDParams(Section):
-    conditions: list[Literal["baseline", "all", "correct", "incorrect"]] = Field(
-        default_factory=lambda: ["baseline", "all", "correct", "incorrect"],
-        description="Which rollouts enter the loss; `baseline` = no training (the RLVR checkpoint).",
+    """Stage opsd (jobs/opsd.py): on-policy self-distillation (OPSD; "On-Policy Self-Distillation"). The
+    student samples its own responses; a teacher, the same model prompted with a privileged context
+    (reference solution or final answer), scores them; the loss is a per-token divergence between
+    the two next-token distributions, averaged over the selected response tokens (gradient through
+    the student only). One OPSD run per condition. AdamW (betas 0.9, 0.99, no weight decay) at a
+    constant lr; gradient norm clipped at 1."""
+
+    conditions: list[Condition] = Field(
+        default_factory=lambda: list(CONDITIONS),
+        description="Which rollouts enter the loss, one OPSD run each (compaction.enums.CONDITIONS): `all`, the "
+        "verifier's `correct` or `incorrect` ones (see unit); `baseline` = no training (the RLVR checkpoint).",
     )
-    unit: Literal["pool", "rollout", "group"] = Field(
+    unit: Unit = Field(
         "pool", description="What the condition selects. `pool` (the design card's DAG): prompts, once, before "
         "OPSD: the checkpoint is sampled `group_samples` times per prompt (rollout grading), and `correct` keeps "
         "the prompts whose pass rate is >= `group_threshold`, `incorrect` those below it, `all` every prompt "
@@ -246,43 +328,76 @@ class OPSDParams(Section):
         "round's rollouts by their own verdict; `group`: each round's groups by their pass rate (both over "
         "every prompt).")
     group_threshold: float = Field(
-        0.5, ge=0, le=1, description="Pass rate a prompt (unit = pool) or a round's group (unit = group) needs to "
-        "count as correct.")
+        0.5, ge=0, le=1, description="Pass rate (a fraction of samples graded correct) a prompt (unit = pool) or a "
+        "round's group (unit = group) needs to count as correct.")
     group_samples: int = Field(
         4, ge=1, description="Samples per prompt of the checkpoint in rollout grading (unit = pool): the pass "
         "rate that group filtering reads.")
     pool_prompts: int | None = Field(
         512, ge=1, description="Training prompts that rollout grading samples (a seeded choice; None = the whole "
         "train split): the candidates of every condition's pool.")
-    teacher: Literal["frozen", "live", "ema"] = Field("frozen", description="Teacher weights.")
-    ema_decay: float = Field(0.99, gt=0, lt=1)
-    context: Literal["solution", "answer", "template"] = Field("solution", description="Privileged context.")
+    teacher: Literal["frozen", "live", "ema"] = Field(
+        "frozen", description="Teacher weights: `frozen` = the policy OPSD starts from (the RLVR checkpoint; with "
+        "LoRA, the base without the adapter), `live` = the current student (no gradient), `ema` = an exponential "
+        "moving average of the student (see ema_decay).")
+    ema_decay: float = Field(
+        0.99, gt=0, lt=1, description="EMA teacher (teacher = ema): after every optimizer step, teacher <- decay * "
+        "teacher + (1 - decay) * student.")
+    context: Literal["solution", "answer", "template"] = Field(
+        "solution", description="Privileged context the teacher's prompt adds to the problem: the reference "
+        "`solution`, the final `answer` only, or `template` (context_template).")
     context_template: str | None = Field(
         None, description="User template with {problem}, {solution}, {answer} (context = template)."
     )
     missing_solution: Literal["error", "answer"] = Field(
-        "answer", description="What to do for problems without a solution when context = solution."
+        "answer", description="What to do for problems without a reference solution when the context uses one "
+        "(context = solution, or a template with {solution}): `error` = fail before any work, naming them; "
+        "`answer` = give those problems the final answer as context instead."
     )
-    divergence: Literal["reverse_kl", "forward_kl", "jsd", "sampled_token"] = Field("reverse_kl")
-    beta: float = Field(0.5, ge=0, le=1, description="JSD weight.")
-    clip: float | None = Field(None, gt=0, description="Per-token divergence clip; None = off.")
+    divergence: Kind = Field(
+        "reverse_kl", description="Per-token divergence between the student's (p) and the teacher's (q) full "
+        "next-token distributions (kernels.KINDS, kernels/divergence.py): `reverse_kl` = KL(p || q), the OPSD "
+        "default; `forward_kl` = KL(q || p); `jsd` = GKD's generalised Jensen-Shannon with weight beta (TRL's "
+        "convention); `sampled_token` = a policy-gradient loss on the sampled token only, with advantage "
+        "log q(y) - log p(y).")
+    beta: float = Field(
+        0.5, ge=0, le=1, description="JSD weight (divergence = jsd): beta * KL(q || M) + (1 - beta) * KL(p || M) with "
+        "M = beta q + (1 - beta) p; 0 and 1 are refused (identically 0). Unused by the other divergences.")
+    clip: float | None = Field(
+        None, gt=0, description="Upper bound on each token's divergence value (nats); a clipped token gets no "
+        "gradient. None = off.")
     temperature: float = Field(1.0, gt=0, description="Temperature of both distributions in the loss.")
-    rounds: int = Field(10, ge=0)
-    prompts_per_round: int = Field(32, ge=1)
-    samples_per_prompt: int = Field(4, ge=1)
-    steps_per_round: int = Field(1, ge=1)
-    micro_batch_size: int = Field(16, ge=1)
-    lr: float = Field(1e-4, gt=0)
-    sample_temperature: float = Field(1.0, gt=0, description="Temperature of the student's on-policy samples.")
-    max_new_tokens: int = Field(256, ge=1)
+    rounds: int = Field(10, ge=0, description="Rounds of rollouts -> grade -> select -> update per condition; 0 = "
+                        "no training (every condition returns the RLVR checkpoint).")
+    prompts_per_round: int = Field(
+        32, ge=1, description="Prompts per round (a seeded walk over the train split, or over the condition's pool "
+        "when unit = pool).")
+    samples_per_prompt: int = Field(
+        4, ge=1, description="On-policy student samples per prompt per round (a round's group, for unit = group).")
+    steps_per_round: int = Field(
+        1, ge=1, description="Optimizer steps per round, each over every selected rollout of the round.")
+    micro_batch_size: int = Field(
+        16, ge=1, description="Rollouts (student/teacher sequence pairs) per forward/backward pass (gradient "
+        "accumulation); also the batch of the redundancy map's scoring.")
+    lr: float = Field(1e-4, gt=0, description="Learning rate of AdamW (constant, no schedule).")
+    sample_temperature: float = Field(
+        1.0, gt=0, description="Temperature of the student's on-policy samples (rounds, and rollout grading for "
+        "unit = pool).")
+    max_new_tokens: int = Field(
+        256, ge=1, description="Longest sampled response, in tokens, in the rounds and in rollout grading.")
     lora: bool = Field(False, description="Train a LoRA adapter (peft); the frozen teacher is the base.")
-    lora_rank: int = Field(16, ge=1)
-    redundancy_map_samples: int = Field(8, ge=0, description="Rollouts whose per-token divergences are saved.")
+    lora_rank: int = Field(
+        16, ge=1, description="Rank r of the LoRA adapter on every linear layer but the LM head (lora_alpha = 2r); "
+        "lora = true only.")
+    redundancy_map_samples: int = Field(
+        8, ge=0, description="Rollouts of round 0 (a seeded choice) whose per-token divergences every round scores "
+        "and saves for the redundancy map; 0 = no map.")
     save_every: int = Field(
         10, ge=1, description="Write a resumable checkpoint (weights, optimizer, RNG, EMA teacher, round index) "
         "every N rounds and after the last; not part of the cache key.")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept; older ones are deleted.")
-    seed: int = Field(0)
+    seed: int = Field(0, description="Seed of the rounds' prompt order and sampling, the pool's candidate prompts "
+                      "and rollout grading's samples, and the redundancy map's rollouts.")
 
     @field_validator("beta")
     @classmethod
@@ -310,20 +425,26 @@ DEFAULT_EPISTEMIC_MARKERS = [
 
 
 class EvalParams(Section):
+    """Stage evaluate (jobs/evaluate.py): k samples per problem, graded by math-verify (avg@k, pass@k)."""
+
     benchmarks: list[DatasetSpec] = Field(
         default_factory=list, description="Benchmarks beside the embedded eval split (named `synthetic`)."
     )
     include_synthetic: bool = Field(True, description="Evaluate on the embedded eval split.")
     k: int = Field(8, ge=1, description="Samples per problem (avg@k, pass@k).")
-    temperature: float = Field(0.6, ge=0)
-    top_p: float = Field(0.95, gt=0, le=1)
-    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.6, ge=0, description="Sampling temperature of the evaluation samples; 0 = greedy.")
+    top_p: float = Field(
+        0.95, gt=0, le=1, description="Nucleus sampling: keep the smallest set of tokens whose probability mass "
+        "reaches this fraction (top_k is off in evaluation).")
+    max_new_tokens: int = Field(
+        256, ge=1, description="Longest evaluation response, in tokens; longer ones are cut (finish_reason "
+        "`length`) and graded as they are.")
     limit: int | None = Field(None, ge=1, description="Evaluate on the first `limit` problems of each benchmark.")
     epistemic_markers: list[str] = Field(
         default_factory=lambda: list(DEFAULT_EPISTEMIC_MARKERS),
         description="Phrases counted per 1k response tokens (case-insensitive, word-bounded).",
     )
-    seed: int = Field(1234)
+    seed: int = Field(1234, description="Sampling seed of the evaluation (the same seed gives the same samples).")
 
 
 # ------------------------------------------------------------------ report, promotion
@@ -357,6 +478,8 @@ class PromotionParams(Section):
 
 # ----------------------------------------------------------------------- tracking
 class TrackingParams(Section):
+    """Where runs, metrics and artifacts are recorded (MLflow)."""
+
     tracking_uri: str | None = Field(
         None, description="MLflow tracking URI; None = sqlite:///<root>/mlflow.db (absolute)."
     )
@@ -366,11 +489,15 @@ class TrackingParams(Section):
 
 
 class LauncherParams(Section):
+    """How the flows' tasks run their jobs (tasks/launch.py)."""
+
     kind: Literal["inline", "accelerate"] = Field(
         "inline", description="`inline` calls the job's main in-process; `accelerate` runs `accelerate launch -m`."
     )
     accelerate_config: str | None = Field(None, description="Path to an accelerate config (params/accelerate/*.yaml).")
-    num_processes: int = Field(1, ge=1)
+    num_processes: int = Field(
+        1, ge=1, description="Processes `accelerate launch` starts per job (--num_processes; kind = accelerate); a job "
+        "that does not split its work (evaluation) runs one.")
     max_concurrent_jobs: int = Field(
         1, ge=1, description="Jobs (training, evaluation, rollout grading) that run at once, across the flows of "
         "one Prefect server: the slots of the global concurrency limit `compaction-jobs`. The condition "
@@ -389,6 +516,8 @@ class RegistryParams(Section):
 
 
 class PathParams(Section):
+    """Folders, resolved to absolute paths at load time."""
+
     root: str = Field(
         ".", description="Project folder; relative to $COMPACTION_HOME or the working directory at load time."
     )
@@ -399,20 +528,20 @@ class Params(Section):
     """All knobs of the pipeline. Sections are passed to the stages that use them."""
 
     study: str = Field("demo", description="Name of the study (MLflow experiment suffix, report folder).")
-    paths: PathParams = Field(default_factory=PathParams)
-    data: DataParams = Field(default_factory=DataParams)
-    model: ModelParams = Field(default_factory=ModelParams)
-    sft: SFTParams = Field(default_factory=SFTParams)
-    rlvr: RLVRParams = Field(default_factory=RLVRParams)
-    rollout: RolloutParams = Field(default_factory=RolloutParams)
-    grading: GradingParams = Field(default_factory=GradingParams)
-    opsd: OPSDParams = Field(default_factory=OPSDParams)
-    eval: EvalParams = Field(default_factory=EvalParams)
-    report: ReportParams = Field(default_factory=ReportParams)
-    promotion: PromotionParams = Field(default_factory=PromotionParams)
-    tracking: TrackingParams = Field(default_factory=TrackingParams)
-    launcher: LauncherParams = Field(default_factory=LauncherParams)
-    registry: RegistryParams = Field(default_factory=RegistryParams)
+    paths: PathParams = Field(default_factory=PathParams, description="Project and artifact folders.")
+    data: DataParams = Field(default_factory=DataParams, description="The problems (stage data).")
+    model: ModelParams = Field(default_factory=ModelParams, description="The base model and its loading.")
+    sft: SFTParams = Field(default_factory=SFTParams, description="Stage sft.")
+    rlvr: RLVRParams = Field(default_factory=RLVRParams, description="Stage rlvr.")
+    rollout: RolloutParams = Field(default_factory=RolloutParams, description="The generation engine.")
+    grading: GradingParams = Field(default_factory=GradingParams, description="The math-verify grader.")
+    opsd: OPSDParams = Field(default_factory=OPSDParams, description="Stage opsd (and rollout grading).")
+    eval: EvalParams = Field(default_factory=EvalParams, description="Stage evaluate.")
+    report: ReportParams = Field(default_factory=ReportParams, description="`compaction report`.")
+    promotion: PromotionParams = Field(default_factory=PromotionParams, description="The promotion gate.")
+    tracking: TrackingParams = Field(default_factory=TrackingParams, description="MLflow tracking.")
+    launcher: LauncherParams = Field(default_factory=LauncherParams, description="How jobs are launched.")
+    registry: RegistryParams = Field(default_factory=RegistryParams, description="MLflow model registry names.")
 
     # -- derived, absolute locations -------------------------------------------------
     @property

@@ -45,9 +45,11 @@ import numpy as np
 import pandas as pd
 
 from compaction.artifacts import atomic_dir, atomic_path, read_parquet
+from compaction.enums import BASELINE, CONDITIONS
 from compaction.params import Params
 
-MODEL_ORDER = ["sft", "rlvr", "opsd-baseline", "opsd-all", "opsd-correct", "opsd-incorrect"]
+#: Table order of the model labels: the stages, then one `opsd-<condition>` per OPSD condition.
+MODEL_ORDER = ["sft", "rlvr", *(f"opsd-{c}" for c in CONDITIONS)]
 CURVE_METRICS = ["rlvr/reward_mean", "rlvr/mean_response_tokens", "opsd/loss", "opsd/accuracy",
                  "opsd/mean_response_tokens"]
 ROLLOUT_COLUMNS = ("rollout_id", "problem_id", "response_tokens", "finish_reason")
@@ -56,7 +58,7 @@ PARENT_TAG = "mlflow.parentRunId"
 
 
 #: The compaction flow's evaluation of its starting checkpoint (condition `baseline`).
-SAME_AS_RLVR = "opsd-baseline"
+SAME_AS_RLVR = f"opsd-{BASELINE}"
 
 
 class ReportError(ValueError):
@@ -350,7 +352,7 @@ def promotion_verdicts(rows: list[dict[str, Any]], baseline: str, params: Params
         return {}
     out = {}
     for model in dict.fromkeys(r["model"] for r in rows):
-        if model.startswith("opsd-") and model != "opsd-baseline":
+        if model.startswith("opsd-") and model != SAME_AS_RLVR:
             ok, reason = decide_promotion(base, metrics(model), params.promotion.benchmarks,
                                           params.promotion.max_accuracy_drop)
             out[model] = {"promote": ok, "reason": reason}

@@ -19,9 +19,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-CONDITIONS = ("baseline", "all", "correct", "incorrect")
-TRAINING_CONDITIONS = ("all", "correct", "incorrect")
-UNITS = ("pool", "rollout", "group")
+# Defined once in compaction.enums (import-light, shared with the params schema and the CLI).
+from compaction.enums import BASELINE, CONDITIONS, TRAINING_CONDITIONS, UNITS, Condition, Unit
+
+__all__ = ["BASELINE", "CONDITIONS", "POOL_COLUMNS", "SELECTED_COLUMNS", "TRAINING_CONDITIONS", "UNITS", "Condition",
+           "Unit", "pool_candidates", "prompt_pool", "select_rollouts"]
+
 POOL_COLUMNS = ("problem_id", "pass_rate", "samples")
 SELECTED_COLUMNS = ("rollout_id", "problem_id", "group", "correct", "status", "group_pass_rate")
 

@@ -11,8 +11,7 @@ import os
 
 import torch
 
-KINDS = ("reverse_kl", "forward_kl", "jsd", "sampled_token")
-BACKENDS = ("auto", "triton", "torch", "eager")
+from ._kinds import BACKENDS, KINDS, Backend, Kind  # noqa: F401  (defined once, torch-free)
 
 # Token-chunk clamp. The lower bound keeps matmuls efficient when V >> d (the heuristic alone
 # would go down to a handful of rows); the upper bound keeps a chunk's [rows, V] float32 buffers

@@ -1,0 +1,23 @@
+"""Choice sets that several modules spell, defined once: a ``Literal`` for the params schema and
+its values as a tuple (``typing.get_args``) for runtime checks, CLI ``choices`` and report order.
+
+Kept import-light on purpose (``typing`` only): compaction.params and the CLI's parser import it,
+and neither should pay for pandas or torch (``compaction grade``, ``--help``).
+compaction.selection re-exports these names; the divergence kinds live in kernels (``kernels.Kind``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+#: OPSD conditions: which rollouts enter the loss (compaction/selection.py); `baseline` trains nothing.
+Condition = Literal["baseline", "all", "correct", "incorrect"]
+CONDITIONS: tuple[str, ...] = get_args(Condition)
+#: The condition that trains nothing: the starting (RLVR) checkpoint, evaluated as is.
+BASELINE: str = "baseline"
+#: The conditions that train (every one but `baseline`).
+TRAINING_CONDITIONS: tuple[str, ...] = tuple(c for c in CONDITIONS if c != BASELINE)
+
+#: What an OPSD condition selects (``opsd.unit``): prompts once before OPSD, rollouts, or groups.
+Unit = Literal["pool", "rollout", "group"]
+UNITS: tuple[str, ...] = get_args(Unit)
