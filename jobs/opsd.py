@@ -104,7 +104,8 @@ class OPSDStage(RoundStage):
         self._teacher_prompts: dict[str, str] = {}
         if self.grader is None:
             self.grader = self._stack.enter_context(Grader(self.p.grading.workers, self.p.grading.timeout_s))
-        self.start_rollout_server(self.p, self.policy_ref)
+        if not self.prompts.empty:  # an empty pool samples nothing: no server to start
+            self.start_rollout_server(self.p, self.policy_ref)
 
     def close(self) -> None:
         try:

@@ -151,7 +151,10 @@ class VLLMServer:
         if self.max_model_len:
             cmd += ["--max-model-len", str(self.max_model_len)]
         if not _cuda():
-            cmd += ["--enforce-eager"]  # no CUDA graphs / torch.compile to build on CPU
+            # No CUDA graphs / torch.compile to build on CPU. No chunked prefill: on CPU, a seeded
+            # request whose prefill is split crashes the engine (vLLM 0.32 rewinds its generator
+            # with set_offset, which CPU generators lack: "CPU Generator does not use offset").
+            cmd += ["--enforce-eager", "--no-enable-chunked-prefill"]
         return cmd
 
     def start(self) -> "VLLMServer":
