@@ -99,8 +99,38 @@ def main() -> None:
             t0 = time.perf_counter()
             with VLLMServer(ref, log_path=Path(home) / "vllm.log") as server:
                 print(f"vLLM server start-up: {time.perf_counter() - t0:.1f} s (float32, eager, 1 GiB KV cache)")
-                row("server", VLLMServerEngine(server, tok, eos_token_ids(ref, tok), owns_server=False))
+                engine = VLLMServerEngine(server, tok, eos_token_ids(ref, tok), owns_server=False)
+                row("server", engine)
                 print(f"vLLM server peak RSS: {server_peak_rss_mib(server.pid):.0f} MiB (all its processes)")
+                weight_sync(model, engine, [Path(home) / "weights", Path("/dev/shm") / f"bench-weights-{os.getpid()}"],
+                            args.repeats)
+
+
+def weight_sync(model, engine, folders, repeats: int) -> None:
+    """A stage's per-round weight sync: write the weights (safetensors), the server reloads them."""
+    import shutil
+
+    from compaction.rollout import write_weights
+
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    for folder in folders:
+        if not folder.parent.is_dir():
+            continue
+        writes, reloads = [], []
+        try:
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                path = write_weights(dict(model.state_dict()), folder, tied_embeddings=tied)
+                t1 = time.perf_counter()
+                engine.reload(folder)
+                writes.append(t1 - t0)
+                reloads.append(time.perf_counter() - t1)
+            mb = path.stat().st_size / 1e6
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        w, r = statistics.median(writes), statistics.median(reloads)
+        print(f"weight sync via {folder.parent}: {mb:.0f} MB written in {w:.2f} s ({mb / w:.0f} MB/s), "
+              f"reloaded in {r:.2f} s ({mb / r:.0f} MB/s)")
 
 
 def engine_name(engine) -> str:

@@ -192,6 +192,10 @@ class RolloutParams(Section):
         None, description="A vLLM server that is already running (e.g. on GPUs of its own), as http://HOST:PORT, "
         "started with VLLM_SERVER_DEV_MODE=1; None = each job starts its own. Weight reloads pass it a folder "
         "path: that folder must be on a filesystem both sides see.")
+    vllm_weights_dir: str | None = Field(
+        None, description="Where a stage job writes the policy's weights (safetensors, HF names) every round "
+        "for the vLLM server to reload, in a subfolder per stage; None = <stage>/vllm/weights. A tmpfs such as "
+        "/dev/shm skips the disk (~16 GB a round at 8B in bf16); with vllm_url the server must see the folder.")
     vllm_gpu_memory_utilization: float = Field(
         0.85, gt=0, le=1, description="Share of each GPU's memory the vLLM server may take (weights + KV cache); "
         "lower it when the server shares GPUs with training.")

@@ -12,7 +12,8 @@ grader are set up once, then every round runs in the same process(es). A stage f
 - ``final/``: the stage's output, one HF ``save_pretrained`` folder, written at the end;
 - ``timings.json``: seconds of setup, each checkpoint and the final save (bench/scaling.py);
 - with ``rollout.backend: vllm``, ``vllm/server.log`` (the job's server) and, while it runs,
-  ``vllm/weights/`` (the policy's weights for the server to reload; removed at the end).
+  ``vllm/weights/`` (the policy's weights for the server to reload, or a subfolder of
+  ``rollout.vllm_weights_dir``; removed at the end).
 
 Rollouts come from the policy in this process (the HF engine) or from a vLLM server
 (``rollout.backend: vllm``): one server per stage job, started on the starting policy in setup
@@ -130,6 +131,9 @@ class RoundStage:
         eos = eos_token_ids(policy_ref, self.tokenizer)
         self.engine = VLLMServerEngine(server, self.tokenizer, eos, owns_server=self.acc.is_main_process)
         self.weights_dtype = server.dtype
+        scratch = params.rollout.vllm_weights_dir
+        self.weights_dir = (self.out / "vllm" / "weights" if scratch is None else
+                            Path(scratch) / hashlib.sha256(str(self.out.resolve()).encode()).hexdigest()[:16])
         if server.external and self.acc.is_main_process:
             self.engine.reload(policy_ref)  # a running server may hold any weights
         self.acc.wait_for_everyone()
@@ -140,7 +144,7 @@ class RoundStage:
         if self.engine is not None:
             engine, self.engine = self.engine, None
             engine.close()
-            shutil.rmtree(self.out / "vllm" / "weights", ignore_errors=True)
+            shutil.rmtree(self.weights_dir, ignore_errors=True)
 
     def policy_weights(self) -> dict:
         """The policy's weights under HF names (a collective; complete on the main process)."""
@@ -156,7 +160,7 @@ class RoundStage:
         t = time.perf_counter()
         weights = self.policy_weights()
         if self.acc.is_main_process:
-            folder = self.out / "vllm" / "weights"
+            folder = self.weights_dir
             tied = bool(getattr(self.acc.unwrap_model(self.wrapped).model.config, "tie_word_embeddings", False))
             write_weights(weights, folder, dtype=resolve_dtype(self.weights_dtype), tied_embeddings=tied)
             self.engine.reload(folder)

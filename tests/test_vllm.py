@@ -168,7 +168,10 @@ def test_rlvr_stage_rolls_out_through_the_server(server, tiny_model, smoke_data,
 def test_opsd_stage_rolls_out_through_the_server(server, tiny_model, smoke_data, smoke_params, tmp_path, caplog):
     from jobs import opsd
 
-    params = stage_params(smoke_params, server, "opsd.rounds=2", "opsd.unit=rollout")
+    scratch = tmp_path / "scratch"  # rollout.vllm_weights_dir (e.g. /dev/shm on a GPU node)
+    scratch.mkdir()
+    params = stage_params(smoke_params, server, "opsd.rounds=2", "opsd.unit=rollout",
+                          f"rollout.vllm_weights_dir={scratch}")
     caplog.set_level("INFO")
     final = opsd.run(params, tiny_model, smoke_data["problems"], tmp_path / "opsd", "all")
     assert Path(final, "config.json").is_file()
@@ -176,6 +179,8 @@ def test_opsd_stage_rolls_out_through_the_server(server, tiny_model, smoke_data,
     for k in range(2):
         assert any(m.startswith(f"opsd round {k} of 2 [all]:") for m in lines), lines
     assert len(json.loads((tmp_path / "opsd" / "timings.json").read_text())["weight_syncs"]) == 1
+    assert list(scratch.iterdir()) == [] and not (tmp_path / "opsd" / "vllm" / "weights").exists()
+    assert any("/collective_rpc" in m and "200" in m for m in lines)  # the server reloaded what we wrote
 
 
 def run_until(cmd, pattern: str, env, timeout: float = 600):
