@@ -218,7 +218,7 @@ def main() -> None:
 
     floor_s = prefect_floor(shape, project / "artifacts" / "prefect-results-floor")
 
-    cmd = [sys.executable, "-m", "compaction.cli", "run", "post-train", "--params", params_file,
+    cmd = [sys.executable, "-m", "cli", "run", "post-train", "--params", params_file,
            *[a for o in args.overrides for a in ("--set", o)]]
     t = time.perf_counter()
     r = subprocess.run(cmd, cwd=project, env=os.environ.copy(), capture_output=True, text=True)

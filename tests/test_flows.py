@@ -288,7 +288,7 @@ def test_compaction_killed_during_opsd_resumes_from_its_checkpoint(project, pref
     root = project["root"]
     checkpoint = project["first"][0]["rlvr"]["path"]
     sets = ["opsd.seed=1", "opsd.rounds=4", "opsd.save_every=2"]  # a new OPSD (new folder), the same pools' inputs
-    cmd = [sys.executable, "-m", "compaction.cli", "run", "compaction", "--params", SMOKE, "--condition", "all",
+    cmd = [sys.executable, "-m", "cli", "run", "compaction", "--params", SMOKE, "--condition", "all",
            "--checkpoint", checkpoint, *[a for s in sets for a in ("--set", s)]]
     env = {**prefect_server["env"], "COMPACTION_HOME": str(root)}
     proc = subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -381,7 +381,7 @@ def test_lora_round_saves_a_merged_model_and_the_adapter(smoke_params, smoke_dat
 
 # --------------------------------------------------------------------------- redundancy map
 def test_redundancy_map_html_escapes_model_text(tmp_path, frozen_run):
-    from compaction.cli import main
+    from cli.main import main
     from compaction.redundancy_map import render_html
 
     df = pd.DataFrame({"rollout_id": ["a"] * 3 + ["b"], "position": [0, 1, 2, 0],

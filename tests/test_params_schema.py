@@ -103,7 +103,7 @@ def test_divergence_kinds_and_backends_are_defined_once():
 
 
 def test_cli_condition_choices_are_the_conditions():
-    from compaction.cli import build_parser
+    from cli.main import build_parser
 
     parser = build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -126,7 +126,7 @@ def test_report_orders_every_condition():
 
 def test_params_schema_imports_no_torch_or_pandas(repo):
     # `compaction grade` / `compaction params` load the schema: it must not pay for torch or pandas.
-    code = ("import sys, compaction.params, compaction.cli; compaction.cli.build_parser(); "
+    code = ("import sys, compaction.params, cli.main; cli.main.build_parser(); "
             "print(sorted(m for m in ('torch', 'pandas', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=repo).stdout

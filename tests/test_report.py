@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from compaction.artifacts import write_parquet
-from compaction.cli import main
+from cli.main import main
 from compaction.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -197,6 +197,9 @@ def test_report_files_and_mlflow_run(study, monkeypatch, capsys):
     assert run.data.tags["mlflow.parentRunId"] == study["parent"]
     logged = {f.path for f in client.list_artifacts(run.info.run_id, "report")}
     assert {f"report/{n}" for n in payload["files"]} <= logged
+    # The flow's own run, where a person looks first, has the figure and the table too.
+    on_parent = {f.path for f in client.list_artifacts(study["parent"], "report")}
+    assert {"report/accuracy_vs_tokens.png", "report/report.md"} <= on_parent
 
 
 def test_report_is_deterministic_and_seeds_are_resampled(study, monkeypatch, capsys):

@@ -60,7 +60,7 @@ def smoke_study(browser_paths, smoke_data, tiny_model, tmp_path_factory, mlflow_
     """A smoke run through the real jobs, tracked in the contract's layout: RLVR from the tiny model,
     OPSD (correct, incorrect) from it, each evaluated; then `compaction report`."""
     from compaction import tracking
-    from compaction.cli import main
+    from cli.main import main
     from compaction.params import load_params
     from jobs import evaluate, opsd, rlvr
 
@@ -100,7 +100,7 @@ def smoke_study(browser_paths, smoke_data, tiny_model, tmp_path_factory, mlflow_
 
     exp = mlflow.MlflowClient(params.tracking.tracking_uri).get_experiment_by_name("compaction-ui")
     return {"root": root, "uri": params.tracking.tracking_uri, "experiment_id": exp.experiment_id,
-            "parent": parent.info.run_id, "eval_ids": eval_ids}
+            "parent": parent.info.run_id, "eval_ids": eval_ids, "tracking": params.tracking}
 
 
 def _free_port() -> int:
@@ -245,6 +245,20 @@ def test_experiment_page_lists_the_runs_with_accuracy_and_length_columns(driver,
     headers = [h.text for h in driver.find_elements(By.CSS_SELECTOR, "[role=columnheader]")]
     assert any(ACCURACY in h for h in headers) and any(TOKENS in h for h in headers), headers
     _save(driver, tmp_path, "mlflow-runs.png")
+
+
+def test_the_printed_link_opens_on_the_evaluation_runs(driver, mlflow_ui, smoke_study):
+    """`make ui` / `compaction demo` print tracking.eval_runs_url: the runs page filtered to the
+    study's evaluation runs, not MLflow's (empty) GenAI overview."""
+    from compaction.tracking import eval_runs_url
+
+    url = eval_runs_url(smoke_study["tracking"], mlflow_ui)
+    assert url.startswith(f"{mlflow_ui}/#/experiments/{smoke_study['experiment_id']}/runs?searchFilter=")
+    driver.get(url)
+    _close_assistant(driver)
+    _wait_text(driver, *(f"eval-{label}" for label in LABELS))
+    lines = driver.find_element("tag name", "body").text.splitlines()
+    assert "report-ui" not in lines and "opsd-correct" not in lines, lines[:80]  # only stage=eval runs
 
 
 def test_comparison_view_shows_accuracy_and_length_of_every_model(driver, mlflow_ui, smoke_study, tmp_path):

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from compaction.enums import CONDITIONS  # imports only typing: --help stays instant
+from compaction.params import add_params_args  # pydantic and yaml, no torch
 
 OFFLINE_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -34,18 +35,12 @@ OFFLINE_ENV = {
 }
 
 
-def _add_params_args(p: argparse.ArgumentParser, default: str | None = "params/demo.yaml") -> None:
-    p.add_argument("--params", default=default, help=f"params YAML file (default: {default})")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one param, e.g. --set rollout.n=8 (repeatable)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compaction", description="Post-RL compaction pipeline (SFT -> RLVR -> OPSD).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="the post-train flow on the embedded default (ephemeral Prefect), then the report table")
-    _add_params_args(demo)
+    add_params_args(demo)
 
     grade = sub.add_parser("grade", help="grade a rollouts Parquet file with math-verify")
     grade.add_argument("input", help="Parquet with rollout_id, response, and answer (or problem_id + --problems)")
@@ -55,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     grade.add_argument("--timeout", type=float, default=5.0, help="hard per-row deadline in seconds")
 
     show = sub.add_parser("params", help="validate a params file (with overrides) and print the resolved values")
-    _add_params_args(show)
+    add_params_args(show)
 
     rmap = sub.add_parser("redundancy-map", help="render an OPSD round's per-token divergences as an HTML page")
     rmap.add_argument("source", help="an OPSD round folder (round-XXXX/) or its redundancy_map.parquet")
@@ -63,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     rmap.add_argument("--title", default=None)
     run = sub.add_parser("run", help="run a Prefect flow directly (ephemeral Prefect unless PREFECT_API_URL is set)")
     run.add_argument("flow", choices=sorted(FLOWS), help="flow name")
-    _add_params_args(run)
+    add_params_args(run)
     run.add_argument("--checkpoint", default=None,
                      help="compaction: RLVR checkpoint path or models:/ URI (default models:/rlvr@latest)")
     run.add_argument("--condition", dest="conditions", action="append", default=None,
@@ -71,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="compaction, post-train: OPSD condition (repeatable; default opsd.conditions)")
 
     rep = sub.add_parser("report", help="one study's models x benchmarks table with bootstrap intervals, plots, maps")
-    _add_params_args(rep)
+    add_params_args(rep)
     rep.add_argument("--study", default=None,
                      help="study NAME (experiment compaction-NAME, folder artifacts/reports/NAME), or `latest`: the "
                      "experiment of the store with the newest eval run (default: the params' study)")
@@ -79,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", default=None, help="folder to write (default: artifacts/reports/<study>/)")
     rep.add_argument("--parent-run", default=None, help="report on this flow run (MLflow run id) instead of the latest")
     rep.add_argument("--no-mlflow", action="store_true", help="do not log the report to MLflow")
+
+    ui = sub.add_parser("ui-url", help="the MLflow UI's page of the study's evaluation runs (make ui prints it)")
+    add_params_args(ui)
+    ui.add_argument("--ui", default="http://127.0.0.1:5000", help="where the MLflow UI answers")
     return parser
 
 
@@ -138,12 +137,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(dump_params(params), end="")
             return 0
         if args.command == "demo":
-            from compaction.demo import run_demo
+            from cli.demo import run_demo
 
             run_demo(args.params, args.overrides)
             return 0
         if args.command == "report":
             return _report(args, params)
+        if args.command == "ui-url":
+            from compaction.tracking import eval_runs_url
+
+            url = eval_runs_url(params.tracking, args.ui)
+            print(url or f"no experiment {params.tracking.experiment!r} in {params.tracking.tracking_uri} yet: "
+                         f"run `make demo` first")
+            return 0
     except (ParamsError, FileNotFoundError, ValueError) as exc:
         print(f"compaction {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -31,7 +31,11 @@ def run_demo(params_path: str, overrides: Sequence[str], console: Console | None
     payload = _read_json(Path(report["out_dir"]) / "report.json")
     print_table(console, payload)
     console.print(f"post-train flow completed in {time.perf_counter() - t0:.0f} s; report: {report['out_dir']}/report.md")
-    console.print("Open the MLflow UI to compare the runs: [bold]make ui[/] (http://127.0.0.1:5000)")
+    from compaction.params import load_params
+    from compaction.tracking import eval_runs_url
+
+    url = eval_runs_url(load_params(params_path, list(overrides)).tracking)
+    console.print(f"Open the MLflow UI to compare the runs: [bold]make ui[/], then {url}")
     return payload
 
 
