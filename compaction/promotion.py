@@ -11,11 +11,10 @@ That is the paper's claim in one rule: shorter answers at (almost) the same accu
 or non-finite metric on either side fails the gate, with the reason naming it.
 
 Metrics are flat dicts in the MLflow naming of the evaluate job (``metrics.json`` or a run's
-``data.metrics``). :func:`decide_promotion` is pure; :func:`apply_promotion` writes the verdict
-to the registry: alias ``candidate`` on the version when it passes, and in every case a version
-tag ``promotion`` with the reason (so a version that did not pass says why). The flows decide
-before they register (tasks.registry.register_compacted), so a new version is created with the
-verdict's tags (:func:`verdict_tags`) and only the alias is written after.
+``data.metrics``). :func:`decide_promotion` is pure. The flows decide before they register
+(tasks.registry.register_compacted): a new version is created with the verdict's tags
+(:func:`verdict_tags`: ``promotion``, the reason, so a version that did not pass says why, and
+``promotion_passed``), and alias ``candidate`` is moved to it only when it passed.
 """
 
 from __future__ import annotations
@@ -86,26 +85,3 @@ def decide_promotion(baseline: Mapping[str, Any], candidate: Mapping[str, Any],
 def verdict_tags(promote: bool, reason: str) -> dict[str, str]:
     """The version tags that record a verdict: ``promotion`` (the reason) and ``promotion_passed``."""
     return {TAG: reason[:MAX_TAG_CHARS], TAG_PASSED: "true" if promote else "false"}
-
-
-def apply_promotion(name: str, version: str | int, baseline: Mapping[str, Any], candidate: Mapping[str, Any],
-                    benchmarks: Iterable[str] | None = None, max_accuracy_drop: float = 2.0,
-                    alias: str = CANDIDATE_ALIAS, client=None) -> tuple[bool, str]:
-    """Run the gate for registered model version ``name``/``version`` and record the verdict.
-
-    Passes: alias ``alias`` is moved to this version. Always: version tags ``promotion`` (the
-    reason) and ``promotion_passed`` (``true``/``false``). A failing version never takes the alias
-    (an earlier version that passed keeps it). ``client``: an ``mlflow.MlflowClient`` (default: one
-    on the current tracking URI).
-    """
-    import mlflow
-
-    client = client or mlflow.MlflowClient()
-    version = str(version)
-    client.get_model_version(name, version)  # fail early, naming the version, when it does not exist
-    promote, reason = decide_promotion(baseline, candidate, benchmarks, max_accuracy_drop)
-    for key, value in verdict_tags(promote, reason).items():
-        client.set_model_version_tag(name, version, key, value)
-    if promote:
-        client.set_registered_model_alias(name, alias, version)
-    return promote, reason

@@ -166,10 +166,8 @@ class MetricsLog:
         self.path, self.enabled = path, enabled
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
-            kept = []
-            if path.exists() and resume_step > 0:
-                kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
+            kept = [m for m in read_metrics(path) if m["step"] <= resume_step] if path.exists() and resume_step else []
+            path.write_text("".join(json.dumps(m) + "\n" for m in kept))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -182,4 +180,5 @@ class MetricsLog:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The steps of a metrics.jsonl (:class:`MetricsLog`), in order."""
     return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln]

@@ -1,13 +1,12 @@
-"""The promotion gate: the rule, and its verdicts written to a real MLflow registry."""
+"""The promotion gate's rule (its verdicts in a real registry: tests/test_flows.py, post-train)."""
 
 from __future__ import annotations
 
 import math
 
-import mlflow
 import pytest
 
-from compaction.promotion import apply_promotion, benchmarks_of, decide_promotion
+from compaction.promotion import benchmarks_of, decide_promotion
 
 
 def m(**benches):
@@ -53,41 +52,3 @@ def test_tolerance_boundary_and_benchmark_subset():
                                                  "eval/<bench>/accuracy metric)")
     with pytest.raises(ValueError, match="max_accuracy_drop"):
         decide_promotion(BASE, cand, max_accuracy_drop=-1)
-
-
-def test_verdicts_land_in_the_registry(project, tmp_path):
-    """Versions made the orchestration layer's way (log_artifacts + create_model_version)."""
-    from compaction import tracking
-    from compaction.params import load_params
-
-    params = load_params(None, ["tracking.experiment=reg", "tracking.system_metrics=false"], base=project)
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    (ckpt / "config.json").write_text("{}")
-    client = mlflow.MlflowClient(params.tracking.tracking_uri)
-    client.create_registered_model("compacted")
-    versions = []
-    for i in range(3):
-        with tracking.start_run(params.tracking, f"opsd-{i}", tags={"stage": "opsd"}) as run:
-            mlflow.log_artifacts(str(ckpt), "checkpoint")
-        versions.append(client.create_model_version("compacted", f"runs:/{run.info.run_id}/checkpoint",
-                                                    run_id=run.info.run_id).version)
-
-    good = m(math500=(0.795, 650.0), aime=(0.30, 3100.0))
-    bad = m(math500=(0.70, 500.0), aime=(0.20, 2000.0))
-    ok, reason = apply_promotion("compacted", versions[0], BASE, good, max_accuracy_drop=2.0, client=client)
-    assert ok
-    assert client.get_model_version_by_alias("compacted", "candidate").version == versions[0]
-    ok, reason = apply_promotion("compacted", versions[1], BASE, bad, max_accuracy_drop=2.0, client=client)
-    assert not ok
-    v1 = client.get_model_version("compacted", versions[1])
-    assert v1.tags["promotion"] == reason and "accuracy drop 10.00 pt > 2" in reason
-    assert v1.tags["promotion_passed"] == "false"
-    # A failing version never takes the alias from the one that passed.
-    assert client.get_model_version_by_alias("compacted", "candidate").version == versions[0]
-    assert client.get_model_version("compacted", versions[0]).tags["promotion_passed"] == "true"
-    # The next passing version takes it.
-    assert apply_promotion("compacted", versions[2], BASE, good, client=client)[0]
-    assert client.get_model_version_by_alias("compacted", "candidate").version == versions[2]
-    with pytest.raises(mlflow.exceptions.MlflowException):
-        apply_promotion("compacted", "99", BASE, good, client=client)
