@@ -63,7 +63,6 @@ def main() -> None:
     from compaction.params import load_params
     from compaction.rollout import HFEngine, Sampling, generate_rollouts
     from jobs import opsd, prepare_data, prepare_model, rlvr, sft
-    from jobs.common import stage_dir
 
     home = Path(args.home or tempfile.mkdtemp(prefix="sft-accuracy-"))
     params = load_params(args.params, args.overrides, base=home)
@@ -93,11 +92,11 @@ def main() -> None:
         return float(rollouts["correct"].mean()), float(rollouts["response_tokens"].mean())
 
     t0 = time.perf_counter()
-    ckpt = sft.run(params, base, refs["traces"], stage_dir(params, "sft", params.section_hash("data", "model", "sft")))
+    ckpt = sft.run(params, base, refs["traces"], params.stage_dir("sft", params.section_hash("data", "model", "sft")))
     sft_acc, _ = report("SFT", ckpt, time.perf_counter() - t0)
     if args.rlvr or args.opsd:
         t0 = time.perf_counter()
-        out = stage_dir(params, "rlvr", params.section_hash("data", "model", "sft", "rlvr"))
+        out = params.stage_dir("rlvr", params.section_hash("data", "model", "sft", "rlvr"))
         rl_ckpt = rlvr.run(params, ckpt, refs["problems"], out)
         rl_acc, rl_len = report("RLVR", rl_ckpt, time.perf_counter() - t0)
         print(f"\nRLVR - SFT: {100 * (rl_acc - sft_acc):+.1f} points avg@{params.eval.k}")
@@ -107,15 +106,15 @@ def main() -> None:
         from compaction.selection import prompt_pool
         from jobs import rollout_grading
 
-        graded = Path(rollout_grading.run(params, rl_ckpt, refs["problems"], stage_dir(
-            params, "rollout_grading", params.section_hash("data", "model", "sft", "rlvr", "opsd"))))
+        graded = Path(rollout_grading.run(params, rl_ckpt, refs["problems"], params.stage_dir(
+            "rollout_grading", params.section_hash("data", "model", "sft", "rlvr", "opsd"))))
         for condition in args.opsd:
             pools[condition] = str(graded / f"pool-{condition}.parquet")
             write_parquet(prompt_pool(read_parquet(graded / "grades.parquet"), condition, params.opsd.group_threshold),
                           pools[condition])
     for condition in args.opsd:
         t0 = time.perf_counter()
-        out = stage_dir(params, f"opsd-{condition}", params.section_hash("data", "model", "sft", "rlvr", "opsd"))
+        out = params.stage_dir(f"opsd-{condition}", params.section_hash("data", "model", "sft", "rlvr", "opsd"))
         o_ckpt = opsd.run(params, rl_ckpt, refs["problems"], out, condition, pools.get(condition))
         o_acc, o_len = report(f"OPSD-{condition}", o_ckpt, time.perf_counter() - t0)
         print(f"\nOPSD-{condition} vs RLVR: accuracy {100 * (o_acc - rl_acc):+.1f} points, "

@@ -184,7 +184,7 @@ class RolloutParams(Section):
                             "generates (evaluation, rollout grading, RLVR and OPSD rounds).")
     hf_decoder: Literal["auto", "generate", "lean"] = Field(
         "auto", description="hf backend's decode loop: `generate` (transformers), `lean` (compaction.rollout.lean: "
-        "plain Qwen3 loop, ~2x faster on CPU for the embedded model), `auto` = lean for a plain Qwen3 on CPU. "
+        "plain Qwen3 loop, faster on CPU for small models: docs/performance.md), `auto` = lean for a plain Qwen3 on CPU. "
         "Also used for RLVR / OPSD rollouts.")
     seed: int = Field(0, description="Sampling seed of the rollouts job, and the vLLM server's --seed (every "
                       "stage). Evaluation, rollout grading, RLVR and OPSD sample with their own seeds.")
@@ -554,7 +554,12 @@ class Params(Section):
 
     @property
     def artifacts_dir(self) -> Path:
+        """``paths.artifacts``: every stage's outputs live under it."""
         return Path(self.paths.artifacts)
+
+    def stage_dir(self, stage: str, key: str) -> Path:
+        """``<artifacts>/<stage>/<key>/``: one stage's output for one set of inputs."""
+        return self.artifacts_dir / stage / key
 
     def section_hash(self, *names: str) -> str:
         """Stable short hash of the named sections (for cache keys and artifact folders)."""
@@ -611,6 +616,14 @@ def _resolve_paths(params: Params, base: Path) -> Params:
     if params.tracking.artifact_root is None:
         params.tracking.artifact_root = str(root / "mlartifacts")
     return params
+
+
+def add_params_args(parser, default: str | None = "params/demo.yaml") -> None:
+    """``--params FILE`` and ``--set KEY=VALUE`` (repeatable) on an argparse parser: every command
+    line that loads params (the jobs, the ``compaction`` command) takes them the same way."""
+    parser.add_argument("--params", default=default, help=f"params YAML file (default: {default})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one param, e.g. --set rollout.n=8 (repeatable)")
 
 
 def load_params(path: str | os.PathLike | None = None, overrides: Sequence[str] = (), base: Path | None = None) -> Params:

@@ -7,7 +7,7 @@ in ``MLFLOW_TRACKING_URI`` because accelerate's MLflow tracker reads it only fro
 
 A SQLite store is switched to write-ahead logging with ``synchronous=NORMAL`` on our connections
 (:func:`use_write_ahead_log`): in SQLite's default rollback journal every commit waits for several
-fsyncs, 10-50 ms each on a VM disk, and a flow makes hundreds of small MLflow commits. In WAL mode
+fsyncs (slow on a VM disk), and a flow makes hundreds of small MLflow commits. In WAL mode
 a commit is an append; readers (``mlflow ui``) no longer block writers. A committed write survives
 a killed process; only an OS crash or power cut can lose the last commits, never corrupt the file.
 The store is then three files (``mlflow.db``, ``-wal``, ``-shm``): copy it with
@@ -75,6 +75,34 @@ def use_write_ahead_log(db: Path) -> None:
         _wal_databases.add(key)
 
 
+@functools.lru_cache(maxsize=None)
+def git_commit() -> str:
+    """The commit of this checkout (the ``git_commit`` tag of every run); ``unknown`` outside git."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (out.stdout.strip() if out.returncode == 0 else "") or "unknown"
+
+
+def eval_runs_url(tracking: TrackingParams, ui: str = "http://127.0.0.1:5000") -> str | None:
+    """The MLflow UI's runs page of the study's experiment filtered to its evaluation runs (tag
+    ``stage = 'eval'``): where a person compares accuracy and length, one click from nothing.
+    None when the store has no such experiment yet."""
+    import urllib.parse
+
+    import mlflow
+
+    experiment = mlflow.MlflowClient(tracking.tracking_uri).get_experiment_by_name(tracking.experiment)
+    if experiment is None:
+        return None
+    query = urllib.parse.quote("tags.stage = 'eval'")
+    return f"{ui.rstrip('/')}/#/experiments/{experiment.experiment_id}/runs?searchFilter={query}"
+
+
 def configure(tracking: TrackingParams) -> str:
     """Point MLflow at the project store (creating its folder); returns the tracking URI."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -136,7 +164,7 @@ def artifact_uri(run_id: str) -> str:
 @functools.lru_cache(maxsize=None)
 def _context_tags() -> dict[str, str]:
     """MLflow's tags for this process's runs (``context_registry.resolve_tags``: user, source,
-    git commit of the entry point): the same for every run of a process, and ~2 ms to resolve."""
+    git commit of the entry point): the same for every run of a process, so resolved once."""
     from mlflow.tracking.context import registry as context_registry
 
     return dict(context_registry.resolve_tags())
@@ -157,7 +185,7 @@ def start_run(
     there. Yields MLflow's ``Run``; at the end the run is marked FINISHED (FAILED on an exception).
 
     Not ``mlflow.start_run``: that reads the parent run back (its params, tags and metrics) to check
-    it, ~17 ms a run on SQLite, and a flow starts one run per stage and evaluation. The tags are
+    it, a store round trip per run, and a flow starts one run per stage and evaluation. The tags are
     MLflow's own (``context_registry.resolve_tags``: user, source, git commit) plus ours.
     """
     import mlflow

@@ -8,19 +8,18 @@ atomically (a temp folder renamed into place).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 from compaction.artifacts import atomic_dir, write_parquet
 from compaction.data import build_problems, make_traces
 from compaction.logs import get_logger
 from compaction.params import Params
-from jobs.common import params_from, parse, parser, stage_dir
+from jobs.common import params_from, parse, parser
 
 
 def run(params: Params) -> dict[str, str | None]:
     log = get_logger()
-    out = stage_dir(params, "prepare_data", params.section_hash("data"))
+    out = params.stage_dir("prepare_data", params.section_hash("data"))
     with atomic_dir(out) as tmp:
         problems = build_problems(params.data)
         write_parquet(problems, tmp / "problems.parquet")

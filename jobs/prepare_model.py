@@ -17,7 +17,7 @@ from compaction.logs import get_logger
 from compaction.model import build_embedded_model
 from compaction.model.prompts import prompt_boilerplate
 from compaction.params import Params
-from jobs.common import params_from, parse, parser, stage_dir
+from jobs.common import params_from, parse, parser
 
 
 def tokenizer_corpus(problems_path: str, traces_path: str | None) -> list[str]:
@@ -34,7 +34,7 @@ def tokenizer_corpus(problems_path: str, traces_path: str | None) -> list[str]:
 def run(params: Params, problems_path: str, traces_path: str | None) -> str:
     if params.model.name_or_path != "embedded":
         return params.model.name_or_path
-    out = stage_dir(params, "base_model", params.section_hash("data", "model"))
+    out = params.stage_dir("base_model", params.section_hash("data", "model"))
     build_embedded_model(out, tokenizer_corpus(problems_path, traces_path), params.model.tiny)
     get_logger().info("prepare_model: embedded Qwen3 (%s) -> %s", params.model.tiny.model_dump(), out)
     return str(out)

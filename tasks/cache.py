@@ -60,7 +60,7 @@ def stage_key(params: Params, sections: Sequence[str], refs: Mapping[str, Any],
 
 
 def results_dir(params: Params) -> Path:
-    return Path(params.paths.artifacts) / RESULTS_DIR
+    return params.artifacts_dir / RESULTS_DIR
 
 
 # ----------------------------------------------------------------------------- cache

@@ -16,7 +16,7 @@ from tasks.runs import stage_run
 
 
 def _data_dir(params: Params) -> Path:
-    return Path(params.paths.artifacts) / "prepare_data" / params.section_hash("data")
+    return params.stage_dir("prepare_data", params.section_hash("data"))
 
 
 def _data_valid(inputs: dict[str, Any]) -> bool:
@@ -47,7 +47,7 @@ def _model_valid(inputs: dict[str, Any]) -> bool:
     params: Params = inputs["params"]
     if params.model.name_or_path != "embedded":
         return True  # a hub id or a local checkpoint: nothing is built
-    out = Path(params.paths.artifacts) / "base_model" / params.section_hash("data", "model")
+    out = params.stage_dir("base_model", params.section_hash("data", "model"))
     return (out / "config.json").is_file()
 
 

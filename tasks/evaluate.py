@@ -21,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from compaction.params import Params
 from tasks.cache import StagePolicy, call, stage_key, stage_task
 from tasks.launch import grader_for, launch
-from tasks.runs import git_commit
+from compaction.tracking import git_commit
 
 SECTIONS = ("eval", "model", "rollout.backend", "rollout.hf_decoder", "rollout.batch_size", "rollout.seed",
             "rollout.vllm_gpu_memory_utilization", "rollout.vllm_tensor_parallel_size", "grading")
@@ -29,7 +29,7 @@ SECTIONS = ("eval", "model", "rollout.backend", "rollout.hf_decoder", "rollout.b
 
 def eval_dir(params: Params, checkpoint: str, problems: str | None) -> Path:
     key = stage_key(params, SECTIONS, {"checkpoint": checkpoint, "problems": problems})
-    return Path(params.paths.artifacts) / "eval" / key
+    return params.stage_dir("eval", key)
 
 
 def _valid(inputs: dict[str, Any]) -> bool:

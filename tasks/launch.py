@@ -52,7 +52,7 @@ def grader_for(params: Params) -> Grader:
 def params_file(params: Params) -> Path:
     """The resolved params as YAML under ``<artifacts>/params/<hash>.yaml`` (for subprocesses)."""
     text = dump_params(params)
-    path = Path(params.paths.artifacts) / PARAMS_DIR / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.yaml"
+    path = params.artifacts_dir / PARAMS_DIR / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.yaml"
     if not path.is_file():
         with atomic_path(path) as tmp:
             tmp.write_text(text)

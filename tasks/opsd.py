@@ -29,7 +29,7 @@ EXCLUDE = {"opsd": ("conditions", "save_every", "keep_checkpoints")}
 
 def opsd_dir(params: Params, policy: str, problems: str, condition: str, pool: str | None) -> Path:
     refs = {"policy": policy, "problems": problems, "condition": condition, "pool": pool}
-    return Path(params.paths.artifacts) / "opsd" / stage_key(params, SECTIONS, refs, EXCLUDE) / condition
+    return params.stage_dir("opsd", stage_key(params, SECTIONS, refs, EXCLUDE)) / condition
 
 
 def _valid(inputs: dict[str, Any]) -> bool:

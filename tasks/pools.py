@@ -27,7 +27,7 @@ FILTER_SECTIONS = ("opsd.group_threshold",)
 # ------------------------------------------------------------------------ rollout grading
 def grading_dir(params: Params, policy: str, problems: str) -> Path:
     key = stage_key(params, GRADING_SECTIONS, {"policy": policy, "problems": problems})
-    return Path(params.paths.artifacts) / "rollout_grading" / key
+    return params.stage_dir("rollout_grading", key)
 
 
 def _grading_valid(inputs: dict[str, Any]) -> bool:
@@ -65,7 +65,7 @@ def rollout_grading(params: Params, policy: str, problems: str, parent_run_id: s
 # ------------------------------------------------------------------------ group filtering
 def pool_path(params: Params, grades: str, condition: str) -> Path:
     key = stage_key(params, FILTER_SECTIONS, {"grades": grades, "condition": condition})
-    return Path(params.paths.artifacts) / "group_filtering" / key / f"pool-{condition}.parquet"
+    return params.stage_dir("group_filtering", key) / f"pool-{condition}.parquet"
 
 
 @stage_task("group_filtering", StagePolicy(sections=FILTER_SECTIONS, job="compaction.selection",

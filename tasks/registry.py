@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from compaction import registry
 from compaction.params import Params
 from tasks.cache import results_dir
-from tasks.runs import git_commit
+from compaction.tracking import git_commit
 
 LANDED_EVENT = "rlvr.checkpoint.landed"
 LATEST_ALIAS = "latest"

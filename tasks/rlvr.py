@@ -26,7 +26,7 @@ EXCLUDE = {"rlvr": ("save_every", "keep_checkpoints")}
 
 def rlvr_dir(params: Params, policy: str, problems: str) -> Path:
     key = stage_key(params, SECTIONS, {"policy": policy, "problems": problems}, EXCLUDE)
-    return Path(params.paths.artifacts) / "rlvr" / key
+    return params.stage_dir("rlvr", key)
 
 
 def _valid(inputs: dict[str, Any]) -> bool:

@@ -4,13 +4,12 @@ stage, and the flow's params file."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
-import subprocess
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 from compaction.params import Params, load_params
+from compaction.tracking import git_commit
 from tasks.cache import section_payload
 
 
@@ -26,16 +25,6 @@ def flow_params_file(params: str) -> Path:
 def load_flow_params(params: str, overrides: Sequence[str] = ()) -> Params:
     """The flow's params (:func:`flow_params_file`); errors name the file and key."""
     return load_params(flow_params_file(params), list(overrides or []))
-
-
-@functools.lru_cache(maxsize=None)
-def git_commit() -> str:
-    repo = Path(__file__).resolve().parents[1]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ SECTIONS = ("sft", "model")
 
 
 def sft_dir(params: Params, base: str, traces: str) -> Path:
-    return Path(params.paths.artifacts) / "sft" / stage_key(params, SECTIONS, {"base": base, "traces": traces})
+    return params.stage_dir("sft", stage_key(params, SECTIONS, {"base": base, "traces": traces}))
 
 
 def _valid(inputs: dict[str, Any]) -> bool:
