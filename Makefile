@@ -75,6 +75,7 @@ demo: $(STAMP)
 # runners (mlflow's defaults start 4 workers and job runners: too much for a small machine).
 UI_PORT ?= 5000
 ui: $(STAMP)
+	@echo "the study's evaluation runs: $$($(BIN)/compaction ui-url --params $(PARAMS) --ui http://127.0.0.1:$(UI_PORT))"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui \
 		--backend-store-uri sqlite:///$(abspath mlflow.db) --default-artifact-root $(abspath mlartifacts) \
 		--host 127.0.0.1 --port $(UI_PORT) --workers 1
