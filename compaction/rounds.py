@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable
 
@@ -79,8 +80,10 @@ class RoundStage:
     #: The vLLM rollout engine (``rollout.backend: vllm``), set by :meth:`start_rollout_server`; None: HF.
     engine = None
 
-    def __init__(self, out: Path, keep_checkpoints: int):
+    def __init__(self, out: Path, keep_checkpoints: int, grader=None):
         self.out, self.keep = Path(out), keep_checkpoints
+        self.grader = grader  # running workers shared with the caller's other jobs; None: the job's own
+        self.resources = ExitStack()  # what close() releases: the job's own grading workers
         self.timings: dict[str, Any] = {"setup": 0.0, "resume": 0.0, "checkpoints": [], "final": 0.0,
                                         "weight_syncs": []}
 
@@ -101,7 +104,17 @@ class RoundStage:
         pass
 
     def close(self) -> None:
-        pass
+        try:
+            self.stop_rollout_server()
+        finally:
+            self.resources.close()
+
+    def start_grader(self, grading) -> None:
+        """Grading workers of the job's own (``grading.workers``), unless the caller passed its own."""
+        if self.grader is None:
+            from compaction.grading import Grader
+
+            self.grader = self.resources.enter_context(Grader(grading.workers, grading.timeout_s))
 
     # ---------------------------------------------------------- vLLM rollouts
     def start_rollout_server(self, params, policy_ref: str) -> None:

@@ -31,7 +31,7 @@ normalised by the global token count, so 1 and N processes take the same step.
 
 from __future__ import annotations
 
-from contextlib import ExitStack, nullcontext
+from contextlib import nullcontext
 import json
 import time
 from pathlib import Path
@@ -72,13 +72,11 @@ class OPSDStage(RoundStage):
 
     def __init__(self, params: Params, policy_ref: str, problems_path: str, out: Path, condition: str,
                  pool_path: str | None = None, grader: Grader | None = None):
-        super().__init__(out, params.opsd.keep_checkpoints)
+        super().__init__(out, params.opsd.keep_checkpoints, grader)
         self.p, self.cfg = params, params.opsd
         self.policy_ref, self.problems_path, self.pool_path = policy_ref, problems_path, pool_path
         self.condition = condition
         self.log = get_logger()
-        self.grader = grader  # running workers shared with the caller's other jobs; None: our own
-        self._stack = ExitStack()
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -102,16 +100,9 @@ class OPSDStage(RoundStage):
             self.log.warning("opsd [%s]: the prompt pool %s is empty: every round is empty, the model unchanged",
                              self.condition, self.pool_path)
         self._teacher_prompts: dict[str, str] = {}
-        if self.grader is None:
-            self.grader = self._stack.enter_context(Grader(self.p.grading.workers, self.p.grading.timeout_s))
+        self.start_grader(self.p.grading)
         if not self.prompts.empty:  # an empty pool samples nothing: no server to start
             self.start_rollout_server(self.p, self.policy_ref)
-
-    def close(self) -> None:
-        try:
-            self.stop_rollout_server()
-        finally:
-            self._stack.close()
 
     def policy_weights(self) -> dict:
         """The student's weights under HF names, LoRA merged in (a collective)."""

@@ -24,11 +24,12 @@ rollouts and (with global loss normalisation) take the same step.
 
 from __future__ import annotations
 
-from contextlib import ExitStack, nullcontext
+from contextlib import nullcontext
 import json
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -55,16 +56,39 @@ from compaction.training import (
 from jobs.common import params_from, parse, parser
 
 
+class TrainSeq(NamedTuple):
+    """One rollout that trains: prompt + sampled ids, where the response starts, its advantage and
+    its mini-batch."""
+
+    ids: list[int]
+    start: int
+    advantage: float
+    mini: int
+
+    @property
+    def response_tokens(self) -> int:
+        return len(self.ids) - self.start
+
+
+@dataclass
+class RoundCounts:
+    """A round's counts over every process: per mini-batch ``sequences`` and response ``tokens``
+    [mini_batches], and the zero-variance and total groups."""
+
+    sequences: np.ndarray
+    tokens: np.ndarray
+    zero_variance_groups: float
+    groups: float
+
+
 class RLVRStage(RoundStage):
     """setup (once) -> per round: rollouts -> grade -> update -> record -> (checkpoint) -> final."""
 
     def __init__(self, params: Params, policy_ref: str, problems_path: str, out: Path, grader: Grader | None = None):
-        super().__init__(out, params.rlvr.keep_checkpoints)
+        super().__init__(out, params.rlvr.keep_checkpoints, grader)
         self.p, self.cfg = params, params.rlvr
         self.policy_ref, self.problems_path = policy_ref, problems_path
         self.log = get_logger()
-        self.grader = grader  # running workers shared with the caller's other jobs; None: our own
-        self._stack = ExitStack()
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -84,15 +108,8 @@ class RLVRStage(RoundStage):
         self.train = load_problems(self.problems_path, "train")
         if self.train.empty:
             raise ValueError(f"{self.problems_path}: no train split")
-        if self.grader is None:
-            self.grader = self._stack.enter_context(Grader(self.p.grading.workers, self.p.grading.timeout_s))
+        self.start_grader(self.p.grading)
         self.start_rollout_server(self.p, self.policy_ref)
-
-    def close(self) -> None:
-        try:
-            self.stop_rollout_server()
-        finally:
-            self._stack.close()
 
     @property
     def policy(self):
@@ -129,7 +146,25 @@ class RLVRStage(RoundStage):
 
     # --------------------------------------------------------------- update
     def update(self, rollouts: pd.DataFrame, grades: pd.DataFrame, k: int) -> dict[str, float]:
-        cfg, acc = self.cfg, self.acc
+        """rewards -> group advantages -> the sequences that train -> global counts -> mini-batches
+        -> ``steps_per_round`` passes of one optimizer step per mini-batch."""
+        groups, rewards = self.rewards(rollouts, grades)
+        zero_var = zero_variance_groups(rewards)
+        advantages = self.advantages(rewards)
+        keep = ~zero_var if self.cfg.dynamic_sampling else np.ones(len(groups), bool)
+        seqs = self.sequences(groups, advantages, keep)
+        counts = self.global_counts(seqs, zero_var)
+        stats = {"rlvr/group_zero_variance_fraction": counts.zero_variance_groups / max(counts.groups, 1),
+                 "rlvr/trained_sequences": counts.sequences.sum()}
+        if counts.sequences.sum() == 0:
+            self.log.info("rlvr round %d: every group has zero reward variance; no update", k)
+            return {**stats, "rlvr/loss": 0.0, "rlvr/clip_fraction": 0.0, "rlvr/grad_norm": 0.0}
+        return {**stats, **self.optimize(self.mini_batches(seqs, counts), counts.tokens.sum())}
+
+    def rewards(self, rollouts: pd.DataFrame, grades: pd.DataFrame) -> tuple[list[pd.DataFrame], np.ndarray]:
+        """Each group's rows (with ``reward``) and the rewards [groups, samples]: 1 correct / 0 not,
+        plus DAPO's soft overlong penalty with ``overlong: penalty``."""
+        cfg = self.cfg
         df = rollouts.assign(correct=grades["correct"].to_numpy())
         reward = df["correct"].astype(float).to_numpy()
         if cfg.overlong == "penalty":
@@ -137,50 +172,66 @@ class RLVRStage(RoundStage):
                                                cfg.overlong_buffer)
         df["reward"] = reward
         groups = [g for _, g in df.groupby("group", sort=True)]
-        r = np.stack([g["reward"].to_numpy() for g in groups])
-        zero_var = zero_variance_groups(r)
+        return groups, np.stack([g["reward"].to_numpy() for g in groups])
+
+    def advantages(self, rewards: np.ndarray) -> np.ndarray:
+        """Group-normalised advantages (``adv_scaling``; ``batch`` = the std of every process's
+        rewards), negatives weighted by ``negative_weight``."""
+        cfg, acc = self.cfg, self.acc
         batch_std = None
-        if cfg.adv_scaling == "batch":  # global std over every process's rewards
-            t = torch.tensor([r.sum(), (r ** 2).sum(), r.size], dtype=torch.float64, device=acc.device)
+        if cfg.adv_scaling == "batch":
+            t = torch.tensor([rewards.sum(), (rewards ** 2).sum(), rewards.size], dtype=torch.float64,
+                             device=acc.device)
             s, s2, cnt = acc.reduce(t, "sum").tolist()
             batch_std = float(np.sqrt(max(s2 / cnt - (s / cnt) ** 2, 0.0)))
-        adv = weight_negative(group_advantages(r, cfg.adv_scaling, batch_std), cfg.negative_weight)
-        keep = ~zero_var if cfg.dynamic_sampling else np.ones(len(groups), bool)
-        seqs = []  # (ids, response start, advantage, mini-batch)
-        for g, a, kept in zip(groups, adv, keep):
+        return weight_negative(group_advantages(rewards, cfg.adv_scaling, batch_std), cfg.negative_weight)
+
+    def sequences(self, groups: list[pd.DataFrame], advantages: np.ndarray, keep: np.ndarray) -> list[TrainSeq]:
+        """The rollouts that train, as (prompt + sampled ids, response start, advantage, mini-batch).
+        A group's mini-batch comes from its global index, so it does not depend on the layout."""
+        cfg, seqs = self.cfg, []
+        for g, a, kept in zip(groups, advantages, keep):
             if not kept:
                 continue
-            mini = int(g["group"].iloc[0]) % cfg.mini_batches  # by global group index: layout-independent
+            mini = int(g["group"].iloc[0]) % cfg.mini_batches
             for (_, row), adv_i in zip(g.iterrows(), a):
                 if cfg.overlong == "mask" and row["finish_reason"] == "length":
                     continue  # truncated: no verdict on an unfinished answer
                 p_ids = self.tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
                 r_ids = list(row["response_token_ids"])
                 if r_ids:
-                    seqs.append((p_ids + r_ids, len(p_ids), float(adv_i), mini))
-        M = cfg.mini_batches
-        # Global counts, per mini-batch (sequences, response tokens), then zero-variance and groups.
+                    seqs.append(TrainSeq(p_ids + r_ids, len(p_ids), float(adv_i), mini))
+        return seqs
+
+    def global_counts(self, seqs: list[TrainSeq], zero_var: np.ndarray) -> RoundCounts:
+        """Sequences and response tokens per mini-batch, zero-variance groups and groups, summed
+        over every process (one all-reduce): the loss normalisers."""
+        M = self.cfg.mini_batches
         local = np.zeros(2 * M + 2)
-        for ids, st, _, m in seqs:
-            local[2 * m] += 1
-            local[2 * m + 1] += len(ids) - st
-        local[2 * M:] = zero_var.sum(), len(groups)
-        counts = acc.reduce(torch.tensor(local, dtype=torch.float64, device=acc.device), "sum").tolist()
-        n_zero, n_groups = counts[2 * M:]
-        n_seqs, n_tokens = sum(counts[0:2 * M:2]), sum(counts[1:2 * M:2])
-        stats = {"rlvr/group_zero_variance_fraction": n_zero / max(n_groups, 1), "rlvr/trained_sequences": n_seqs}
-        if n_seqs == 0:
-            self.log.info("rlvr round %d: every group has zero reward variance; no update", k)
-            return {**stats, "rlvr/loss": 0.0, "rlvr/clip_fraction": 0.0, "rlvr/grad_norm": 0.0}
-        # Each mini-batch is one optimizer step, its loss normalised over its own global batch.
-        minis = []
-        for m in range(M):
-            if counts[2 * m] == 0:
+        for seq in seqs:
+            local[seq.mini] += 1
+            local[M + seq.mini] += seq.response_tokens
+        local[2 * M:] = zero_var.sum(), len(zero_var)
+        total = self.acc.reduce(torch.tensor(local, dtype=torch.float64, device=self.acc.device), "sum").cpu().numpy()
+        return RoundCounts(sequences=total[:M], tokens=total[M:2 * M], zero_variance_groups=float(total[2 * M]),
+                           groups=float(total[2 * M + 1]))
+
+    def mini_batches(self, seqs: list[TrainSeq], counts: RoundCounts) -> list[list]:
+        """Per non-empty mini-batch, this process's micro-batches of (sequence, token weight); each
+        mini-batch is one optimizer step, its loss normalised over its own global batch."""
+        cfg, minis = self.cfg, []
+        for m in range(cfg.mini_batches):
+            if counts.sequences[m] == 0:
                 continue  # empty on every process: no step
-            mine = [(ids, st, a) for ids, st, a, mm in seqs if mm == m]
-            w = token_weights([len(ids) - st for ids, st, _ in mine], cfg.loss_agg, counts[2 * m + 1],
-                              counts[2 * m], cfg.max_new_tokens)
+            mine = [(s.ids, s.start, s.advantage) for s in seqs if s.mini == m]
+            w = token_weights([len(ids) - st for ids, st, _ in mine], cfg.loss_agg, float(counts.tokens[m]),
+                              float(counts.sequences[m]), cfg.max_new_tokens)
             minis.append(micro_batches(list(zip(mine, w)), cfg.micro_batch_size))
+        return minis
+
+    def optimize(self, minis: list[list], n_tokens: float) -> dict[str, float]:
+        """``steps_per_round`` passes over the mini-batches: the clipped surrogate (+ k3 KL)."""
+        cfg, acc = self.cfg, self.acc
         # Behaviour log-probs: with a single step the policy has not moved, so ratio = 1 exactly.
         on_policy = cfg.steps_per_round == 1 and len(minis) == 1
         old = None if on_policy else [[self._logprobs(self.scorer, mb, no_grad=True) for mb in b] for b in minis]
@@ -218,8 +269,8 @@ class RLVRStage(RoundStage):
                 n_steps += 1
         tot = acc.reduce(torch.tensor([loss_sum, clipped, kl], dtype=torch.float64, device=acc.device), "sum").tolist()
         passes = cfg.steps_per_round
-        stats.update({"rlvr/loss": tot[0] / passes, "rlvr/clip_fraction": tot[1] / (n_tokens * passes),
-                      "rlvr/grad_norm": float(grad_norm), "rlvr/optimizer_steps": n_steps})
+        stats = {"rlvr/loss": tot[0] / passes, "rlvr/clip_fraction": tot[1] / (n_tokens * passes),
+                 "rlvr/grad_norm": float(grad_norm), "rlvr/optimizer_steps": n_steps}
         if self.reference is not None:
             stats["rlvr/kl"] = tot[2] / (n_tokens * passes)
         return stats
