@@ -679,8 +679,8 @@ def shared_grader(workers: int, timeout_s: float) -> Grader:
     """The process's :class:`Grader` for these settings: started on first use, closed at exit.
 
     A flow runs its round and evaluation tasks one after another in one process; starting new
-    workers for each (spawn + importing math-verify, ~3 s on 2 cores) costs more than grading a
-    round, so the tasks share these.
+    workers for each (spawn + importing math-verify) costs more than grading a round, so the
+    tasks share these (docs/performance.md, "Fixed costs").
     """
     key = (int(workers), float(timeout_s))
     with _SHARED_LOCK:

@@ -9,21 +9,21 @@ runs). Against a real server (``make serve``, ``PREFECT_API_URL`` set) they stay
 
 Once per process, before the first direct run, the modules every run imports on first use are
 imported (Prefect's task engine, MLflow's SQLAlchemy model-registry store, GitPython, which MLflow's
-run context reads; ~0.7 s together on 2 cores): a fixed cost per process, like the ephemeral
+run context reads): a fixed cost per process, like the ephemeral
 server's start, which would otherwise land inside the first flow run's stages. Then the objects
-that exist (Prefect, MLflow, pydantic and our modules: ~1 M objects), which live as long as the
+that exist (Prefect, MLflow, pydantic and our modules: about a million), which live as long as the
 process, are moved out of the cyclic garbage collector's sight (``gc.freeze``). Otherwise every
-full collection walks them all: ~0.4 s each on 2 cores, and the growth of a flow (importing
+full collection walks them all, and the growth of a flow (importing
 transformers in the first job) triggers several. They are handed back at exit (``atexit``), so
 the interpreter's final collection still frees them: extension modules that count their objects
 (Triton's nanobind bindings) would otherwise report them as leaked.
 
-The ephemeral server itself is a subprocess that takes ~8 s on 2 cores to import Prefect's server
-and start; the first Prefect client call starts it and waits. ``compaction run`` and ``compaction
+The ephemeral server itself is a subprocess that takes seconds to import Prefect's server and
+start; the first Prefect client call starts it and waits. ``compaction run`` and ``compaction
 demo`` call :func:`start_ephemeral_server` as soon as the params are valid, so that it boots on the
-other core while this process imports the flows, torch and MLflow (~8 s); ``direct_run_settings``
+other core while this process imports the flows, torch and MLflow; ``direct_run_settings``
 waits for it before the first flow run (a client call during the start would find the server
-marked running but not yet answering).
+marked running but not yet answering). The measured costs: docs/performance.md, "Fixed costs".
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ GSM8K_FINAL = re.compile(r"####\s*(.+?)\s*$", re.S)
 
 def _load_frame(spec: DatasetSpec) -> tuple[pd.DataFrame, str]:
     """Rows of the set as a DataFrame, and a label naming where they came from (for errors)."""
-    import datasets  # imported here: ~1 s, and only this path needs it
+    import datasets  # imported here: slow to import, and only this path needs it
 
     local = Path(spec.path)
     if local.suffix in LOCAL_FORMATS:

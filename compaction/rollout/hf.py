@@ -1,7 +1,8 @@
 """Rollouts from a transformers model: batched, left-padded, KV cache, n samples per prompt.
 
 The decode loop is ``generate`` itself, or (``decoder="lean"``) the plain loop of
-``compaction.rollout.lean`` over the same weights, ~2x faster for the embedded model on CPU.
+``compaction.rollout.lean`` over the same weights, faster for small models on CPU
+(docs/performance.md, "Rollouts").
 """
 
 from __future__ import annotations
