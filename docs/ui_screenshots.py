@@ -87,6 +87,10 @@ def main() -> None:
         if "eval-" not in text:  # the evaluation runs hang under their flow runs: expand the newest
             _click(driver, css="[role=row] button[data-component-id*='runnamecellrenderer']")
             _wait_text(driver, "eval-")
+        time.sleep(1)
+        if "eval-opsd-all" not in driver.find_element(By.TAG_NAME, "body").text:  # the subflow's evaluations too
+            driver.find_elements(By.CSS_SELECTOR, "[role=row] button[data-component-id*='runnamecellrenderer']")[-1].click()
+            _wait_text(driver, "eval-opsd-all")
         _click(driver, xpath="//button[normalize-space(.)='Columns']")
         for name in ("model", accuracy, tokens):
             _click(driver, xpath=f"//div[@role='dialog']//*[normalize-space(text())='{name}']")
@@ -100,6 +104,7 @@ def main() -> None:
         _wait_text(driver, f"Comparing {len(ids)} Runs", accuracy, tokens)
         _close_assistant(driver)
         _click(driver, xpath="//*[normalize-space(text())='Visualizations']")  # fold the plots: the table comes up
+        _click(driver, xpath="//*[normalize-space(text())='Parameters']")  # and the parameters: the metrics come up
         time.sleep(1)
         driver.save_screenshot(str(out / "mlflow-comparison.png"))
         print(f"wrote {out / 'mlflow-runs.png'} and {out / 'mlflow-comparison.png'} "
