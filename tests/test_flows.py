@@ -166,6 +166,18 @@ def test_post_train_runs_every_stage_and_tracks_it(project):
     opsd = {r.data.tags["condition"]: r for r in runs if r.data.tags.get("stage") == "opsd"}
     assert set(opsd) == {"all", "correct", "incorrect"}
     assert sorted(m.step for m in client.get_metric_history(opsd["all"].info.run_id, "opsd/loss")) == [0, 1]
+    # The stages trained: every RLVR round took optimizer steps with a gradient, and so did OPSD.
+    for metric in ("rlvr/optimizer_steps", "rlvr/grad_norm"):
+        values = [m.value for m in client.get_metric_history(rlvr[0].info.run_id, metric)]
+        assert len(values) == 2 and all(v > 0 for v in values), (metric, values)
+    assert all(m.value > 0 for m in client.get_metric_history(opsd["all"].info.run_id, "opsd/grad_norm"))
+    from safetensors.torch import load_file
+
+    sft_weights = load_file(str(Path(result["sft"]) / "model.safetensors"))
+    rlvr_weights = load_file(str(Path(result["rlvr"]["path"]) / "model.safetensors"))
+    opsd_weights = load_file(str(Path(result["compaction"]["evaluations"]["all"]["policy_ref"]) / "model.safetensors"))
+    assert any(not torch.equal(sft_weights[k], rlvr_weights[k]) for k in sft_weights)
+    assert any(not torch.equal(rlvr_weights[k], opsd_weights[k]) for k in rlvr_weights)
     sft = [r for r in runs if r.data.tags.get("stage") == "sft"]
     assert len(sft) == 1 and client.get_metric_history(sft[0].info.run_id, "sft/loss")
 
