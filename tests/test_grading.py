@@ -464,3 +464,17 @@ print("guarded")
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 0 and "guarded" in r.stdout, r.stdout + r.stderr
     assert not marker.exists()
+
+
+def test_math_verify_soft_timeout_is_a_timeout_that_keeps_the_worker():
+    """A power tower makes math-verify's own (signal) timeout fire inside the worker: the row is
+    `timeout`, below the hard deadline, and the worker lives on (no kill, no restart)."""
+    with Grader(workers=1, timeout_s=4.0) as g:
+        g.start()
+        pids, restarts = g.worker_pids(), g.restarts
+        (grade,) = g.grade([ADVERSARIAL["tower_10"]], ["42"])
+        assert grade.status == "timeout" and grade.correct is False
+        assert grade.grade_ms < 4.0e3  # math-verify's budget (whole seconds under the deadline), not the kill
+        assert g.restarts == restarts and g.worker_pids() == pids
+        (after,) = g.grade(["\\boxed{42}"], ["42"])
+        assert after.status == "ok" and after.correct

@@ -172,7 +172,13 @@ def test_report_json_matches_the_parquet_files(study, monkeypatch, capsys):
     # The MLflow metrics the evaluate job logged agree with the report (one seed).
     run = mlflow.MlflowClient(payload["tracking_uri"]).get_run(oc["eval_runs"][0])
     assert run.data.metrics["eval/synthetic/accuracy"] == pytest.approx(oc["accuracy"])
-    assert payload["promotion"]["opsd-correct"]["reason"].startswith(("promoted", "not promoted"))
+    # The gate's verdict follows from the row: promoted iff the accuracy drop is within the
+    # tolerance and the responses are shorter.
+    expected = (-100 * oc["accuracy_delta"] <= payload["max_accuracy_drop"] + 1e-9
+                and oc["mean_response_tokens_delta"] < 0)
+    verdict = payload["promotion"]["opsd-correct"]
+    assert verdict["promote"] == expected
+    assert verdict["reason"].startswith("promoted" if expected else "not promoted")
 
 
 def test_report_files_and_mlflow_run(study, monkeypatch, capsys):
