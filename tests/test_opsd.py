@@ -343,11 +343,11 @@ def test_empty_round_keeps_the_model_and_writes_its_folder(smoke_params, smoke_d
     r = tmp_path / "out" / "round-0000"
     gr, sel = pd.read_parquet(r / "grades.parquet"), pd.read_parquet(r / "selected.parquet")
     assert list(sel["rollout_id"]) == list(gr.loc[gr["correct"], "rollout_id"])
-    if not gr["correct"].any():
-        m = json.loads((r / "metrics.json").read_text())
-        assert m["opsd/empty_round"] == 1 and m["opsd/loss"] == 0 and len(sel) == 0
-        a, b = weights(tiny_model), weights(final)
-        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not gr["correct"].any()  # the premise: nothing to select
+    m = json.loads((r / "metrics.json").read_text())
+    assert m["opsd/empty_round"] == 1 and m["opsd/loss"] == 0 and len(sel) == 0
+    a, b = weights(tiny_model), weights(final)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_lora_round_saves_a_merged_model_and_the_adapter(smoke_params, smoke_data, tiny_model, tmp_path):
