@@ -32,6 +32,7 @@ docs/decisions.md ("Orchestration and tracking contract"):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ from compaction.report.render import (
     plot_accuracy_vs_tokens, plot_length_histograms, plot_training_curves, render_markdown,
 )
 from compaction.report.runs import (
-    PARENT_TAG, EvalRun, ReportError, find_experiment, latest_experiment, load_benchmarks, select_eval_runs,
+    EvalRun, ReportError, find_experiment, latest_experiment, load_benchmarks, select_eval_runs,
     stage_runs, tracking_client,
 )
 from compaction.report.table import CURVE_METRICS, MODEL_ORDER, SAME_AS_RLVR, build_rows, promotion_verdicts
@@ -101,14 +102,14 @@ def make_report(params: Params, out_dir: str | Path | None = None, parent_run_id
             if r["mean_response_tokens_delta"] is not None and base and base["mean_response_tokens"] else None)
 
     out_dir = Path(out_dir) if out_dir else params.artifacts_dir / "reports" / params.study
-    run_id = None
-    if log_to_mlflow:
-        tags = {"stage": "report", "study": params.study, "mlflow.runName": f"report-{params.study}"}
-        if root:
-            tags[PARENT_TAG] = root
-        tags["git_commit"] = tracking.git_commit()
-        run_id = client.create_run(exp.experiment_id, tags=tags, run_name=f"report-{params.study}").info.run_id
-    try:
+    # The report's own run (stage=report), nested under the flow run it reports on; FINISHED, or
+    # FAILED when the report fails (tracking.start_run). No system metrics: it is not a job.
+    run_context = contextlib.nullcontext() if not log_to_mlflow else tracking.start_run(
+        params.tracking.model_copy(update={"system_metrics": False}), f"report-{params.study}",
+        tags={"stage": "report", "study": params.study, "git_commit": tracking.git_commit()},
+        experiment=exp.name, parent_run_id=root)
+    with run_context as run:
+        run_id = run.info.run_id if run is not None else None
         with atomic_dir(out_dir) as tmp:
             files = _write_figures(client, exp, evals, root, data, rows, rp, tmp, notes)
             payload = {
@@ -124,14 +125,9 @@ def make_report(params: Params, out_dir: str | Path | None = None, parent_run_id
             (tmp / "report.md").write_text(render_markdown(payload))
         if run_id:
             client.log_artifacts(run_id, str(out_dir), "report")
-            client.set_terminated(run_id, "FINISHED")
             if root:  # where a person looks first: the flow's own run gets the figure and the table
                 for name in ("accuracy_vs_tokens.png", "report.md"):
                     client.log_artifact(root, str(out_dir / name), "report")
-    except BaseException:
-        if run_id:
-            client.set_terminated(run_id, "FAILED")
-        raise
     return Report(payload, out_dir, run_id, notes)
 
 
