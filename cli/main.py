@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from compaction.enums import CONDITIONS  # imports only typing: --help stays instant
+from compaction.enums import BRANCHES  # imports only typing: --help stays instant
 from compaction.params import add_params_args  # pydantic and yaml, no torch
 
 OFFLINE_ENV = {
@@ -62,8 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint", default=None,
                      help="compaction: RLVR checkpoint path or models:/ URI (default models:/rlvr@latest)")
     run.add_argument("--condition", dest="conditions", action="append", default=None,
-                     choices=CONDITIONS,
-                     help="compaction, post-train: OPSD condition (repeatable; default opsd.conditions)")
+                     choices=BRANCHES,
+                     help="compaction, post-train, study: a branch, an OPSD condition or `lenpen` (the "
+                     "length-penalty baseline); repeatable; default opsd.conditions")
+    run.add_argument("--seeds", default="0,1,2",
+                     help="study: comma-separated study seeds, one post-train each (default 0,1,2)")
 
     rep = sub.add_parser("report", help="one study's models x benchmarks table with bootstrap intervals, plots, maps")
     add_params_args(rep)
@@ -83,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Flow name -> (module, function); imported only when run.
 FLOWS = {"post-train": ("flows.post_train", "post_train"), "compaction": ("flows.compact", "compaction"),
-         "watch-rlvr": ("flows.watch_rlvr", "watch_rlvr")}
+         "study": ("flows.study", "study"), "watch-rlvr": ("flows.watch_rlvr", "watch_rlvr")}
 
 
 def _run_flow(args: argparse.Namespace) -> int:
@@ -96,6 +99,10 @@ def _run_flow(args: argparse.Namespace) -> int:
         kwargs.update(checkpoint=args.checkpoint, conditions=args.conditions)
     elif args.flow == "post-train":
         kwargs.update(conditions=args.conditions)
+    elif args.flow == "study":
+        from flows.study import parse_seeds
+
+        kwargs.update(conditions=args.conditions, seeds=parse_seeds(args.seeds))
     from flows.direct import direct_run_settings
 
     with direct_run_settings():

@@ -18,6 +18,16 @@ BASELINE: str = "baseline"
 #: The conditions that train (every one but `baseline`).
 TRAINING_CONDITIONS: tuple[str, ...] = tuple(c for c in CONDITIONS if c != BASELINE)
 
+#: The length-penalty baseline (model ``rlvr-lenpen``): RLVR continued from the checkpoint with a reward
+#: that penalises the length of correct responses (params ``lenpen``, tasks/lenpen.py). Not an OPSD condition.
+LENPEN: str = "lenpen"
+#: Its model label (eval runs, report rows, registered versions).
+LENPEN_MODEL: str = f"rlvr-{LENPEN}"
+#: The compaction flow's branches (``opsd.conditions``, ``--condition``): every OPSD condition and the
+#: length-penalty baseline.
+Branch = Literal[Condition, "lenpen"]
+BRANCHES: tuple[str, ...] = get_args(Branch)
+
 #: What an OPSD condition selects (``opsd.unit``): prompts once before OPSD, rollouts, or groups.
 Unit = Literal["pool", "rollout", "group"]
 UNITS: tuple[str, ...] = get_args(Unit)

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 # The choice sets that other modules also spell are defined once, outside this file (both import no
 # pandas or torch): OPSD conditions and units (compaction.enums, re-exported by compaction.selection),
 # divergence kinds and kernel backends (kernels._kinds, exported by kernels).
-from compaction.enums import CONDITIONS, Condition, Unit
+from compaction.enums import BRANCHES, Branch, Unit
 from kernels import Backend, Kind
 
 
@@ -244,8 +244,23 @@ class SFTParams(Section):
     seed: int = Field(0, description="Seed of the torch RNG and of the batch order (shuffle and length grouping).")
 
 
+# --------------------------------------------------------------------------- held-out curve
+class HeldoutEvalFields(Section):
+    """A round-based stage's evaluation along its rounds: every ``eval_every`` rounds (and before
+    the first), the policy in the job samples ``eval_samples`` answers to each of the first
+    ``eval_problems`` problems of the eval split (a fixed subset), at ``eval.temperature`` with
+    ``eval.seed`` (the same seeds every time, so two points differ by the policy only), graded by
+    math-verify. Logged as ``<stage>/heldout_accuracy`` and ``<stage>/heldout_mean_response_tokens``,
+    step = rounds done (0 = the starting policy)."""
+
+    eval_every: int = Field(0, ge=0, description="Evaluate on the held-out subset every N rounds, before the first "
+                            "and after the last; 0 = off.")
+    eval_problems: int = Field(64, ge=1, description="Problems of the held-out subset: the first N of the eval split.")
+    eval_samples: int = Field(4, ge=1, description="Samples per held-out problem (avg@n accuracy).")
+
+
 # --------------------------------------------------------------------------- RLVR
-class RLVRParams(Section):
+class RLVRParams(HeldoutEvalFields):
     """Stage rlvr (jobs/rlvr.py): GRPO-family RL with verifiable rewards (reward 1 correct / 0 not, from
     math-verify), with DAPO's clip-higher, token-mean loss, dynamic sampling and overlong treatment as
     options. AdamW (betas 0.9, 0.99, no weight decay) at a constant lr; gradient norm clipped at 1."""
@@ -297,6 +312,12 @@ class RLVRParams(Section):
     overlong_buffer: int = Field(
         32, ge=0, description="Length of DAPO's soft overlong punishment ramp, in tokens (overlong = penalty): 0 up "
         "to max_new_tokens - overlong_buffer, then linearly down to -1 at max_new_tokens; 0 = no penalty.")
+    length_penalty: float = Field(
+        0.0, ge=0, le=1, description="Coefficient a of a penalty linear in response length, on correct responses "
+        "only: reward = 1 - a * L / max_new_tokens for a correct response of L tokens, 0 for a wrong one "
+        "(compaction.rl.length_penalty; the simplest member of the correct-only length rewards of Kimi k1.5, "
+        "arXiv:2501.12599, and Arora & Zanette, arXiv:2502.04463). 0 = off (RLVR); the length-penalty "
+        "baseline sets it from `lenpen.coefficient`.")
     temperature: float = Field(
         1.0, gt=0, description="Sampling temperature of the round's rollouts, also applied to the log-probs of the "
         "loss (so the ratio compares the distributions that were sampled).")
@@ -311,7 +332,7 @@ class RLVRParams(Section):
 
 
 # --------------------------------------------------------------------------- OPSD
-class OPSDParams(Section):
+class OPSDParams(HeldoutEvalFields):
     """Stage opsd (jobs/opsd.py): on-policy self-distillation (OPSD; "On-Policy Self-Distillation"). The
     student samples its own responses; a teacher, the same model prompted with a privileged context
     (reference solution or final answer), scores them; the loss is a per-token divergence between
@@ -319,10 +340,12 @@ class OPSDParams(Section):
     the student only). One OPSD run per condition. AdamW (betas 0.9, 0.99, no weight decay) at a
     constant lr; gradient norm clipped at 1."""
 
-    conditions: list[Condition] = Field(
-        default_factory=lambda: list(CONDITIONS),
-        description="Which rollouts enter the loss, one OPSD run each (compaction.enums.CONDITIONS): `all`, the "
-        "verifier's `correct` or `incorrect` ones (see unit); `baseline` = no training (the RLVR checkpoint).",
+    conditions: list[Branch] = Field(
+        default_factory=lambda: list(BRANCHES),
+        description="The compaction flow's branches (compaction.enums.BRANCHES). OPSD conditions, one OPSD run "
+        "each: which rollouts enter the loss, `all`, the verifier's `correct` or `incorrect` ones (see unit); "
+        "`baseline` = no training (the RLVR checkpoint). And `lenpen`: the length-penalty baseline (section "
+        "lenpen), RLVR continued from the checkpoint.",
     )
     unit: Unit = Field(
         "pool", description="What the condition selects. `pool` (the design card's DAG): prompts, once, before "
@@ -451,6 +474,22 @@ class EvalParams(Section):
     seed: int = Field(1234, description="Sampling seed of the evaluation (the same seed gives the same samples).")
 
 
+# ------------------------------------------------------------------ length-penalty baseline
+class LenPenParams(Section):
+    """The length-penalty baseline (branch `lenpen`, model `rlvr-lenpen`; tasks/lenpen.py): the way RL
+    compacts reasoning today. RLVR (the `rlvr` section's algorithm, lr and temperature) continues from
+    the checkpoint OPSD starts from, for the rounds, prompts per round, samples per prompt, response
+    length, prompt-order seed and held-out curve of the `opsd` section, with rlvr.length_penalty =
+    `coefficient`: reward 1 - coefficient * L / max_new_tokens for a correct response of L tokens, 0
+    for a wrong one."""
+
+    coefficient: float = Field(
+        0.5, gt=0, le=1, description="Length penalty a (rlvr.length_penalty of the baseline). A correct answer "
+        "of the longest allowed length still earns 1 - a > 0, more than any wrong one, so the penalty never "
+        "pays for giving up; with group-normalised advantages it ranks the correct answers of a group by "
+        "length, which is what shortens them. 0.5: the middle of the range that keeps that ordering.")
+
+
 # ------------------------------------------------------------------ report, promotion
 class ReportParams(Section):
     """`compaction report`: the comparison table of one study (compaction/report.py)."""
@@ -532,6 +571,10 @@ class Params(Section):
     """All knobs of the pipeline. Sections are passed to the stages that use them."""
 
     study: str = Field("demo", description="Name of the study (MLflow experiment suffix, report folder).")
+    seed: int = Field(
+        0, description="The study seed this run belongs to (`compaction run study --seeds`), a tag on its MLflow "
+        "runs. The study flow sets it together with the seed of every stage, which it derives from it "
+        "(flows/study.py, seed_overrides); setting it alone changes no stage.")
     paths: PathParams = Field(default_factory=PathParams, description="Project and artifact folders.")
     data: DataParams = Field(default_factory=DataParams, description="The problems (stage data).")
     model: ModelParams = Field(default_factory=ModelParams, description="The base model and its loading.")
@@ -540,6 +583,7 @@ class Params(Section):
     rollout: RolloutParams = Field(default_factory=RolloutParams, description="The generation engine.")
     grading: GradingParams = Field(default_factory=GradingParams, description="The math-verify grader.")
     opsd: OPSDParams = Field(default_factory=OPSDParams, description="Stage opsd (and rollout grading).")
+    lenpen: LenPenParams = Field(default_factory=LenPenParams, description="The length-penalty baseline.")
     eval: EvalParams = Field(default_factory=EvalParams, description="Stage evaluate.")
     report: ReportParams = Field(default_factory=ReportParams, description="`compaction report`.")
     promotion: PromotionParams = Field(default_factory=PromotionParams, description="The promotion gate.")

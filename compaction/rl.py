@@ -28,6 +28,19 @@ def overlong_penalty(lengths: np.ndarray, max_new_tokens: int, buffer: int) -> n
     return -np.clip((lengths - start) / buffer, 0.0, 1.0)
 
 
+def length_penalty(correct: np.ndarray, lengths: np.ndarray, max_new_tokens: int, coef: float) -> np.ndarray:
+    """The length-penalty baseline's reward term: ``-coef * L / max_new_tokens`` on correct responses,
+    0 on wrong ones, so that reward = 1[correct] * (1 - coef * L / L_max).
+
+    A linear, correct-only member of the length rewards of Kimi k1.5 (arXiv:2501.12599, sec. 2.3.3,
+    which also rewards short wrong answers less) and Arora & Zanette, "Training Language Models to
+    Reason Efficiently" (arXiv:2502.04463: 1 - a * sigmoid(normalised length), correct only). Penalising
+    correct answers only, with coef < 1, keeps every correct answer above every wrong one.
+    """
+    lengths = np.asarray(lengths, dtype=float)
+    return -coef * np.asarray(correct, dtype=bool) * lengths / max_new_tokens
+
+
 def group_advantages(rewards: np.ndarray, scaling: str, batch_std: float | None = None) -> np.ndarray:
     """Advantages of a [groups, samples] reward array: reward minus its group mean, divided by
     the group's std (``group``), the batch's std (``batch``; pass the global one) or 1 (``none``)."""

@@ -10,6 +10,7 @@ grader are set up once, then every round runs in the same process(es). A stage f
   RNG), the stage's extras (an EMA teacher) and ``trainer_state.json``; written every
   ``save_every`` rounds and after the last one, the newest ``keep_checkpoints`` kept;
 - ``final/``: the stage's output, one HF ``save_pretrained`` folder, written at the end;
+- ``heldout/after-XXXX.json``: the held-out curve's point after XXXX rounds (``eval_every`` > 0);
 - ``timings.json``: seconds of setup, each checkpoint and the final save (bench/scaling.py);
 - with ``rollout.backend: vllm``, ``vllm/server.log`` (the job's server) and, while it runs,
   ``vllm/weights/`` (the policy's weights for the server to reload, or a subfolder of
@@ -51,6 +52,8 @@ from compaction.training import hf_state_dict, latest_checkpoint, save_checkpoin
 #: The stage's output folder (HF ``save_pretrained``); its config.json marks a finished stage.
 FINAL_DIR = "final"
 TIMINGS_FILE = "timings.json"
+#: The held-out curve's points: ``heldout/after-XXXX.json`` (XXXX = rounds done).
+HELDOUT_DIR = "heldout"
 
 
 def round_dir(out: Path, round_: int) -> Path:
@@ -79,6 +82,8 @@ class RoundStage:
 
     #: The vLLM rollout engine (``rollout.backend: vllm``), set by :meth:`start_rollout_server`; None: HF.
     engine = None
+    #: The held-out curve's problems, section and metric prefix (:meth:`setup_heldout`); None: off.
+    heldout: tuple | None = None
 
     def __init__(self, out: Path, keep_checkpoints: int, grader=None):
         self.out, self.keep = Path(out), keep_checkpoints
@@ -115,6 +120,59 @@ class RoundStage:
             from compaction.grading import Grader
 
             self.grader = self.resources.enter_context(Grader(grading.workers, grading.timeout_s))
+
+    # ---------------------------------------------------------- held-out curve
+    def setup_heldout(self, params, problems_path: str, cfg, prefix: str) -> None:
+        """With ``cfg.eval_every`` > 0 (compaction.params.HeldoutEvalFields): the first
+        ``cfg.eval_problems`` problems of the eval split, evaluated by :meth:`evaluate_heldout`."""
+        if cfg.eval_every <= 0:
+            return
+        from compaction.data import load_problems
+
+        problems = load_problems(problems_path, "eval").head(cfg.eval_problems)
+        if problems.empty:
+            raise ValueError(f"{problems_path}: no eval split for the held-out curve ({prefix}.eval_every = "
+                             f"{cfg.eval_every})")
+        self.heldout = (problems, cfg, params, prefix)
+
+    def generation_model(self):
+        """The causal LM that samples in this process (the policy)."""
+        return self.policy
+
+    def heldout_due(self, done: int, rounds: int) -> bool:
+        """Whether the held-out curve has a point after ``done`` rounds: before the first, every
+        ``eval_every`` and after the last."""
+        return self.heldout is not None and (done % self.heldout[1].eval_every == 0 or done == rounds)
+
+    def evaluate_heldout(self, done: int) -> dict[str, float]:
+        """The policy after ``done`` rounds on the held-out subset (a collective): avg@n accuracy and
+        mean response tokens, logged with step = ``done``. Sampled by the HF engine over the policy
+        in this process (a vLLM server holds the weights of the round before until its next sync),
+        with the same seeds at every point."""
+        from compaction.grading import grade_rollouts
+        from compaction.tracking import log_metrics_if_active
+
+        problems, cfg, params, prefix = self.heldout
+        e = params.eval
+        rollouts = generate_round_rollouts(
+            self.acc, self.generation_model(), self.tokenizer, problems, samples_per_prompt=cfg.eval_samples,
+            temperature=e.temperature, max_new_tokens=e.max_new_tokens, seed=e.seed, round_=0,
+            policy_ref=rounds_policy_ref(self.out, done), enable_thinking=params.model.enable_thinking,
+            batch_size=params.rollout.batch_size, decoder=params.rollout.hf_decoder,
+            desc=f"{prefix} held-out eval after {done} rounds")
+        grades = (grade_rollouts(rollouts, answers=problems[["problem_id", "answer"]], grader=self.grader)
+                  if len(rollouts) else pd.DataFrame({"rollout_id": [], "correct": []}))
+        rollouts, grades = gather_frames(rollouts, grades)
+        metrics = {f"{prefix}/heldout_accuracy": float(grades["correct"].astype(float).mean()),
+                   f"{prefix}/heldout_mean_response_tokens": float(rollouts["response_tokens"].mean())}
+        if self.acc.is_main_process:
+            with atomic_path(self.out / HELDOUT_DIR / f"after-{done:04d}.json") as tmp:
+                tmp.write_text(json.dumps(metrics, indent=1))
+            get_logger().info("%s held-out after %d rounds: accuracy %.3f, %.1f mean tokens (%d problems x %d)",
+                              prefix, done, metrics[f"{prefix}/heldout_accuracy"],
+                              metrics[f"{prefix}/heldout_mean_response_tokens"], len(problems), cfg.eval_samples)
+            log_metrics_if_active(metrics, step=done)
+        return metrics
 
     # ---------------------------------------------------------- vLLM rollouts
     def start_rollout_server(self, params, policy_ref: str) -> None:
@@ -210,9 +268,13 @@ def run_stage(stage: RoundStage, rounds: int, save_every: int,
         if start:
             get_logger().info("%s: resumed from its checkpoint after %d of %d rounds", stage.out, start, rounds)
             stage.sync_rollout_weights()
+        elif stage.heldout_due(0, rounds):
+            stage.evaluate_heldout(0)
         for k in range(start, rounds):
             metrics = stage.round(k)
             done = k + 1
+            if stage.heldout_due(done, rounds):
+                metrics.update(stage.evaluate_heldout(done))
             if done < rounds:
                 stage.sync_rollout_weights()
             if done % save_every == 0 or done == rounds:

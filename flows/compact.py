@@ -6,7 +6,8 @@ when Prefect loads it as a script): from an RLVR checkpoint to evaluated, regist
     -> group filtering (a prompt pool per condition)
     -> per condition, the branches submitted together: OPSD (one job, every round) -> evaluate
        -> register a `compacted` version (tag condition) through the promotion gate
-       (compacted@candidate on a pass)
+       (compacted@candidate on a pass); branch `lenpen`, the length-penalty baseline, trains
+       RLVR with a length penalty instead of OPSD (tasks/lenpen.py, model `rlvr-lenpen`)
     -> report (artifacts/reports/<study>/)
 
 Rollout grading and group filtering run with ``opsd.unit: pool`` (the default); with ``rollout`` or
@@ -26,10 +27,11 @@ from typing import Any, Callable, Sequence
 
 from prefect import flow
 
-from compaction.selection import CONDITIONS
+from compaction.enums import BRANCHES, LENPEN, LENPEN_MODEL
 from tasks.data import prepare_data
 from tasks.evaluate import evaluate, record_evaluation
 from tasks.launch import ensure_job_limit
+from tasks.lenpen import lenpen
 from tasks.opsd import opsd
 from tasks.pools import group_filtering, rollout_grading
 from tasks.registry import register_compacted, resolve_checkpoint
@@ -50,11 +52,11 @@ def run_branches(branch: Callable[[str], Any], conditions: Sequence[str]) -> lis
 
 def check_conditions(conditions: list[str] | None, default: list[str]) -> list[str]:
     chosen = list(default if conditions is None else conditions)
-    bad = [c for c in chosen if c not in CONDITIONS]
+    bad = [c for c in chosen if c not in BRANCHES]
     if bad:
-        raise ValueError(f"conditions: unknown {bad}; expected some of {list(CONDITIONS)}")
+        raise ValueError(f"conditions: unknown {bad}; expected some of {list(BRANCHES)}")
     if not chosen:
-        raise ValueError("conditions: empty; expected some of " + str(list(CONDITIONS)))
+        raise ValueError("conditions: empty; expected some of " + str(list(BRANCHES)))
     return chosen
 
 
@@ -73,21 +75,25 @@ def compaction(params: str = "params/demo.yaml", overrides: list[str] = [],  # n
         baseline = record_evaluation(p, evaluate(p, ckpt["path"], problems), "opsd-baseline", "baseline",
                                      policy_ref, parent)
         training = [c for c in chosen if c != "baseline"]
-        pools: dict[str, str | None] = {c: None for c in training}
+        distilled = [c for c in training if c != LENPEN]
+        pools: dict[str, str | None] = {c: None for c in distilled}
         graded = None
-        if training and p.opsd.unit == "pool" and p.opsd.rounds > 0:
+        if distilled and p.opsd.unit == "pool" and p.opsd.rounds > 0:
             graded = rollout_grading(p, ckpt["path"], problems, parent)
-            pools = {c: group_filtering(p, graded["grades"], c)["pool"] for c in training}
+            pools = {c: group_filtering(p, graded["grades"], c)["pool"] for c in distilled}
 
         def branch(condition: str) -> tuple[dict, dict | None]:
-            trained = opsd(p, ckpt["path"], problems, condition, pools[condition], parent)
+            if condition == LENPEN:
+                trained, label = lenpen(p, ckpt["path"], problems, parent), LENPEN_MODEL
+            else:
+                trained, label = opsd(p, ckpt["path"], problems, condition, pools[condition], parent), f"opsd-{condition}"
             model = trained["checkpoint"]
-            evaluation = record_evaluation(p, evaluate(p, model, problems), f"opsd-{condition}", condition, model,
+            evaluation = record_evaluation(p, evaluate(p, model, problems), label, condition, model,
                                            parent, train_run_id=trained["run_id"])
             registered = None
             if trained["run_id"]:
                 registered = register_compacted(p, model, trained["run_id"], condition, policy_ref, evaluation,
-                                                baseline, parent)
+                                                baseline, parent, model=label)
             return evaluation, registered
 
         results = run_branches(branch, training)

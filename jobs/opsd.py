@@ -101,6 +101,7 @@ class OPSDStage(RoundStage):
                              self.condition, self.pool_path)
         self._teacher_prompts: dict[str, str] = {}
         self.start_grader(self.p.grading)
+        self.setup_heldout(self.p, self.problems_path, cfg, "opsd")
         if not self.prompts.empty:  # an empty pool samples nothing: no server to start
             self.start_rollout_server(self.p, self.policy_ref)
 
@@ -140,6 +141,9 @@ class OPSDStage(RoundStage):
     def policy(self):
         """The student LM (a peft model with LoRA), unwrapped from DDP/FSDP."""
         return self.acc.unwrap_model(self.student).model
+
+    def generation_model(self):
+        return causal_lm(self.policy)
 
     def teacher_prompts(self, problem_ids) -> dict[str, str]:
         for pid in problem_ids:

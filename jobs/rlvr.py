@@ -43,7 +43,8 @@ from compaction.metrics import response_length_stats
 from compaction.model import load_model, load_tokenizer
 from compaction.params import Params
 from compaction.rl import (
-    clipped_policy_loss, group_advantages, overlong_penalty, token_weights, weight_negative, zero_variance_groups,
+    clipped_policy_loss, group_advantages, length_penalty, overlong_penalty, token_weights, weight_negative,
+    zero_variance_groups,
 )
 from compaction.rounds import (
     RoundStage, gather_frames, generate_round_rollouts, round_dir, round_problems, rounds_policy_ref, run_stage,
@@ -109,6 +110,7 @@ class RLVRStage(RoundStage):
         if self.train.empty:
             raise ValueError(f"{self.problems_path}: no train split")
         self.start_grader(self.p.grading)
+        self.setup_heldout(self.p, self.problems_path, cfg, "rlvr")
         self.start_rollout_server(self.p, self.policy_ref)
 
     @property
@@ -163,10 +165,14 @@ class RLVRStage(RoundStage):
 
     def rewards(self, rollouts: pd.DataFrame, grades: pd.DataFrame) -> tuple[list[pd.DataFrame], np.ndarray]:
         """Each group's rows (with ``reward``) and the rewards [groups, samples]: 1 correct / 0 not,
+        minus the length penalty on correct ones (``length_penalty`` > 0: the length-penalty baseline),
         plus DAPO's soft overlong penalty with ``overlong: penalty``."""
         cfg = self.cfg
         df = rollouts.assign(correct=grades["correct"].to_numpy())
         reward = df["correct"].astype(float).to_numpy()
+        if cfg.length_penalty > 0:
+            reward = reward + length_penalty(df["correct"].to_numpy(), df["response_tokens"].to_numpy(),
+                                             cfg.max_new_tokens, cfg.length_penalty)
         if cfg.overlong == "penalty":
             reward = reward + overlong_penalty(df["response_tokens"].to_numpy(), cfg.max_new_tokens,
                                                cfg.overlong_buffer)

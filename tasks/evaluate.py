@@ -5,7 +5,7 @@ section, the rollout fields the engine reads, ``grading``, the checkpoint and th
 what the checkpoint is called, so the RLVR checkpoint evaluated as ``rlvr`` and as
 ``opsd-baseline`` is sampled once. ``record_evaluation`` (never cached) logs the result as a
 nested MLflow run of *this* flow run with the contract's tags (``stage=eval``, ``model``,
-``condition``, ``policy_ref``, ``eval_dir``, ``train_run_id``) and the ``eval/<bench>/<name>``
+``condition``, ``policy_ref``, ``eval_dir``, ``train_run_id``, ``seed``) and the ``eval/<bench>/<name>``
 metrics, so every flow run, also a fully cached one, holds the rows a report compares.
 """
 
@@ -69,7 +69,7 @@ def record_evaluation(params: Params, result: dict, model: str, condition: str |
 
     metrics = json.loads(Path(result["metrics_path"]).read_text())
     tags = {"stage": "eval", "model": model, "policy_ref": policy_ref, "eval_dir": result["eval_dir"],
-            "git_commit": git_commit()}
+            "seed": str(params.seed), "git_commit": git_commit()}
     if condition:
         tags["condition"] = condition
     if train_run_id:

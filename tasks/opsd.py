@@ -23,7 +23,7 @@ from tasks.launch import StageProgress, grader_for, launch
 from tasks.runs import stage_run
 
 SECTIONS = ("opsd", "model", "rollout.backend", "rollout.batch_size", "rollout.hf_decoder", "grading",
-            "eval.epistemic_markers")
+            "eval.epistemic_markers", "eval.temperature", "eval.max_new_tokens", "eval.seed")  # the held-out curve
 EXCLUDE = {"opsd": ("conditions", "save_every", "keep_checkpoints")}
 
 

@@ -77,9 +77,10 @@ def register_rlvr(params: Params, checkpoint: str, run_id: str | None, policy_re
 
 @task(name="register_compacted", cache_policy=NO_CACHE, task_run_name="register_compacted-{condition}")
 def register_compacted(params: Params, checkpoint: str, run_id: str | None, condition: str, policy_ref: str,
-                       evaluation: dict, baseline: dict, parent_run_id: str | None) -> dict:
+                       evaluation: dict, baseline: dict, parent_run_id: str | None, model: str | None = None) -> dict:
     """Register an OPSD result as a version of ``registry.compacted_model`` (tags ``condition``,
-    ``policy_ref``, ``eval_run_id``) through the promotion gate (compaction.promotion): alias
+    ``policy_ref``, ``eval_run_id``; ``model``: its label, default ``opsd-<condition>``, or the
+    length-penalty baseline ``rlvr-lenpen``) through the promotion gate (compaction.promotion): alias
     ``candidate`` when, on every gated benchmark, accuracy drops by at most
     ``promotion.max_accuracy_drop`` points and responses are shorter; in every case the version
     tags ``promotion`` (the reason) and ``promotion_passed``.
@@ -91,10 +92,12 @@ def register_compacted(params: Params, checkpoint: str, run_id: str | None, cond
     name = params.registry.compacted_model
     promote, reason = decide_promotion(baseline["metrics"], evaluation["metrics"], params.promotion.benchmarks,
                                        params.promotion.max_accuracy_drop)
-    version_tags = {"condition": condition, "policy_ref": policy_ref, "study": params.study,
+    model = model or f"opsd-{condition}"
+    version_tags = {"condition": condition, "model": model, "policy_ref": policy_ref, "study": params.study,
                     "eval_run_id": evaluation["run_id"], **verdict_tags(promote, reason)}
+    stage = "opsd" if model.startswith("opsd-") else "rlvr"
     mv = _register(params, name, checkpoint, run_id,
-                   {"stage": "opsd", "condition": condition, "model": f"opsd-{condition}", "policy_ref": policy_ref},
+                   {"stage": stage, "condition": condition, "model": model, "policy_ref": policy_ref},
                    parent_run_id, version_tags)
     for key, value in version_tags.items():  # registered before: bring its tags up to date
         if mv.tags.get(key) != value:

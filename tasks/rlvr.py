@@ -19,14 +19,16 @@ from tasks.cache import StagePolicy, call, stage_key, stage_task
 from tasks.launch import StageProgress, grader_for, launch
 from tasks.runs import stage_run
 
-SECTIONS = ("rlvr", "model", "rollout.backend", "rollout.batch_size", "rollout.hf_decoder", "grading")
+SECTIONS = ("rlvr", "model", "rollout.backend", "rollout.batch_size", "rollout.hf_decoder", "grading",
+            "eval.temperature", "eval.max_new_tokens", "eval.seed")  # eval.*: the held-out curve
 #: Fields that do not change the stage's result (checkpoints are bitwise-neutral).
 EXCLUDE = {"rlvr": ("save_every", "keep_checkpoints")}
 
 
-def rlvr_dir(params: Params, policy: str, problems: str) -> Path:
+def rlvr_dir(params: Params, policy: str, problems: str, stage: str = "rlvr") -> Path:
+    """``<artifacts>/<stage>/<key>/``; ``stage`` = ``lenpen`` for the length-penalty baseline."""
     key = stage_key(params, SECTIONS, {"policy": policy, "problems": problems}, EXCLUDE)
-    return params.stage_dir("rlvr", key)
+    return params.stage_dir(stage, key)
 
 
 def _valid(inputs: dict[str, Any]) -> bool:
@@ -34,25 +36,33 @@ def _valid(inputs: dict[str, Any]) -> bool:
         rlvr_dir(inputs["params"], inputs["policy"], inputs["problems"]))
 
 
-@stage_task("rlvr", StagePolicy(sections=SECTIONS, exclude=EXCLUDE, job="jobs.rlvr", valid=_valid),
-            task_run_name="rlvr")
-def rlvr_task(params: Params, policy: str, problems: str, parent_run_id: str | None = None) -> dict:
+def run_rlvr_job(params: Params, policy: str, problems: str, parent_run_id: str | None, stage: str,
+                 tags: dict[str, str], title: str) -> dict:
+    """The RLVR job of ``params.rlvr`` from ``policy`` into ``<artifacts>/<stage>/<key>/``, logged as
+    the nested MLflow run ``tags["model"]`` (tags + ``stage_dir``, ``policy_ref``) with a progress
+    artifact; ``{"checkpoint", "stage_dir", "rounds", "seconds", "run_id"}``."""
     from jobs import rlvr as job
 
-    out = rlvr_dir(params, policy, problems)
+    out = rlvr_dir(params, policy, problems, stage)
     if params.rlvr.rounds == 0:
         return {"checkpoint": policy, "stage_dir": str(out), "rounds": 0, "seconds": 0.0, "run_id": None}
-    tags = {"stage": "rlvr", "model": "rlvr", "policy_ref": policy, "stage_dir": str(out)}
+    tags = {**tags, "policy_ref": policy, "stage_dir": str(out)}
     args = ["--policy", policy, "--problems", problems, "--out", str(out)]
-    with stage_run(params, parent_run_id, "rlvr", tags, log_sections=SECTIONS) as run_id:
-        progress = StageProgress("rlvr-rounds", f"RLVR: {params.rlvr.rounds} rounds -> {out}")
+    with stage_run(params, parent_run_id, tags["model"], tags, log_sections=SECTIONS) as run_id:
+        progress = StageProgress(f"{stage}-rounds", f"{title}: {params.rlvr.rounds} rounds -> {out}")
         seconds = launch(params, "jobs.rlvr", args,
                          lambda: job.run(params, policy, problems, out, grader=grader_for(params), on_round=progress),
                          run_id, "rlvr", progress=progress)
     if not stage_finished(out):
-        raise RuntimeError(f"rlvr: the job ended without writing {final_dir(out)}")
+        raise RuntimeError(f"{stage}: the job ended without writing {final_dir(out)}")
     return {"checkpoint": str(final_dir(out)), "stage_dir": str(out), "rounds": params.rlvr.rounds,
             "seconds": seconds, "run_id": run_id}
+
+
+@stage_task("rlvr", StagePolicy(sections=SECTIONS, exclude=EXCLUDE, job="jobs.rlvr", valid=_valid),
+            task_run_name="rlvr")
+def rlvr_task(params: Params, policy: str, problems: str, parent_run_id: str | None = None) -> dict:
+    return run_rlvr_job(params, policy, problems, parent_run_id, "rlvr", {"stage": "rlvr", "model": "rlvr"}, "RLVR")
 
 
 def rlvr(params: Params, policy: str, problems: str, parent_run_id: str | None = None) -> dict:

@@ -37,7 +37,7 @@ def flow_run(params: Params, flow_name: str) -> Iterator[str]:
 
     ctx = FlowRunContext.get()
     fr = ctx.flow_run if ctx else None
-    tags = {"study": params.study, "flow": flow_name, "prefect_flow_run_id": str(fr.id) if fr else "",
+    tags = {"study": params.study, "seed": str(params.seed), "flow": flow_name, "prefect_flow_run_id": str(fr.id) if fr else "",
             "git_commit": git_commit()}
     name = f"{flow_name}-{fr.name}" if fr else flow_name
     with tracking.start_run(params.tracking, name, nested=True, tags=tags) as run:
@@ -52,7 +52,7 @@ def stage_run(params: Params, parent_run_id: str | None, run_name: str, tags: Ma
     rounds there, step = round. Yields its id."""
     from compaction import tracking
 
-    all_tags = {**tags, "git_commit": git_commit()}
+    all_tags = {**tags, "seed": str(params.seed), "git_commit": git_commit()}
     with tracking.start_run(params.tracking, run_name, nested=True, tags=all_tags, parent_run_id=parent_run_id) as run:
         if log_sections:
             tracking.log_params(section_payload(params, log_sections))

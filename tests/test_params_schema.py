@@ -83,8 +83,11 @@ def test_conditions_are_defined_once():
     assert selection.TRAINING_CONDITIONS is enums.TRAINING_CONDITIONS
     assert enums.TRAINING_CONDITIONS == tuple(c for c in enums.CONDITIONS if c != enums.BASELINE)
     assert enums.BASELINE in enums.CONDITIONS
-    assert _literal_values(_field("opsd.conditions").annotation) == enums.CONDITIONS
-    assert Params().opsd.conditions == list(enums.CONDITIONS)
+    # The flow's branches: every condition, then the length-penalty baseline (not an OPSD condition).
+    assert enums.BRANCHES == typing.get_args(enums.Branch) == (*enums.CONDITIONS, enums.LENPEN)
+    assert enums.LENPEN not in enums.CONDITIONS
+    assert _literal_values(_field("opsd.conditions").annotation) == enums.BRANCHES
+    assert Params().opsd.conditions == list(enums.BRANCHES)
 
 
 def test_units_are_defined_once():
@@ -102,16 +105,16 @@ def test_divergence_kinds_and_backends_are_defined_once():
         kernels.Backend)
 
 
-def test_cli_condition_choices_are_the_conditions():
+def test_cli_condition_choices_are_the_branches():
     from cli.main import build_parser
 
     parser = build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     run = subparsers.choices["run"]
     action = next(a for a in run._actions if a.dest == "conditions")
-    assert tuple(action.choices) == enums.CONDITIONS
-    args = parser.parse_args(["run", "compaction", *(x for c in enums.CONDITIONS for x in ("--condition", c))])
-    assert args.conditions == list(enums.CONDITIONS)
+    assert tuple(action.choices) == enums.BRANCHES
+    args = parser.parse_args(["run", "compaction", *(x for c in enums.BRANCHES for x in ("--condition", c))])
+    assert args.conditions == list(enums.BRANCHES)
 
 
 def test_report_orders_every_condition():
@@ -120,7 +123,7 @@ def test_report_orders_every_condition():
     # The report labels an OPSD model `opsd-<condition>` (tasks/opsd.py, compaction/report.py).
     opsd_models = [m for m in MODEL_ORDER if m.startswith("opsd-")]
     assert opsd_models == [f"opsd-{c}" for c in enums.CONDITIONS]
-    assert MODEL_ORDER[:2] == ["sft", "rlvr"]
+    assert MODEL_ORDER[:3] == ["sft", "rlvr", enums.LENPEN_MODEL]
     assert SAME_AS_RLVR == f"opsd-{enums.BASELINE}" and SAME_AS_RLVR in MODEL_ORDER
 
 

@@ -45,13 +45,15 @@ from compaction import tracking
 from compaction.artifacts import atomic_dir
 from compaction.params import Params
 from compaction.report.render import (
-    plot_accuracy_vs_tokens, plot_length_histograms, plot_training_curves, render_markdown,
+    plot_accuracy_vs_tokens, plot_heldout_curves, plot_length_histograms, plot_training_curves, render_markdown,
 )
 from compaction.report.runs import (
     EvalRun, ReportError, find_experiment, latest_experiment, load_benchmarks, select_eval_runs,
     stage_runs, tracking_client,
 )
-from compaction.report.table import CURVE_METRICS, MODEL_ORDER, SAME_AS_RLVR, build_rows, promotion_verdicts
+from compaction.report.table import (
+    CURVE_METRICS, HELDOUT_METRICS, MODEL_ORDER, SAME_AS_RLVR, build_rows, promotion_verdicts, verdict,
+)
 
 __all__ = ["MODEL_ORDER", "SAME_AS_RLVR", "Report", "ReportError", "latest_experiment", "make_report",
            "render_markdown"]
@@ -118,7 +120,9 @@ def make_report(params: Params, out_dir: str | Path | None = None, parent_run_id
                 "parent_run_id": root, "report_run_id": run_id, "baseline": baseline,
                 "confidence": rp.confidence, "bootstrap_samples": rp.bootstrap_samples, "bootstrap_seed": rp.seed,
                 "max_accuracy_drop": params.promotion.max_accuracy_drop,
+                "seeds": seeds_of(evals),
                 "rows": rows, "promotion": promotion_verdicts(rows, baseline, params),
+                "verdict": verdict(rows, baseline),
                 "files": sorted(files) + ["report.md", "report.json"], "notes": notes,
             }
             (tmp / "report.json").write_text(json.dumps(payload, indent=1) + "\n")
@@ -129,6 +133,10 @@ def make_report(params: Params, out_dir: str | Path | None = None, parent_run_id
                 for name in ("accuracy_vs_tokens.png", "report.md"):
                     client.log_artifact(root, str(out_dir / name), "report")
     return Report(payload, out_dir, run_id, notes)
+
+
+def seeds_of(evals) -> list[int]:
+    return sorted({e.seed for e in evals})
 
 
 def _write_figures(client, exp, evals, root, data, rows, rp, tmp: Path, notes: list[str]) -> list[str]:
@@ -145,25 +153,38 @@ def _write_figures(client, exp, evals, root, data, rows, rp, tmp: Path, notes: l
     files.append("length_histograms.png")
 
     curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    heldout: dict[str, dict[str, list[list[tuple[int, float]]]]] = {}  # {name: {label: one series per run}}
     opsd_runs = []
     for stage in ("rlvr", "opsd"):
         runs = stage_runs(client, exp, stage, root, evals)
         if stage == "opsd":
             opsd_runs = runs
-        for r in runs:
+        for r in sorted(runs, key=lambda r: int(r.data.tags.get("seed", 0))):
             label = r.data.tags.get("model") or (f"opsd-{r.data.tags['condition']}" if stage == "opsd"
                                                  and r.data.tags.get("condition") else stage)
+            seed = r.data.tags.get("seed", "0")
             for metric in sorted(k for k in r.data.metrics if k.startswith(f"{stage}/")):
-                if metric not in CURVE_METRICS:
+                name = metric.split("/", 1)[1]
+                if metric not in CURVE_METRICS and name not in HELDOUT_METRICS:
                     continue
                 hist = client.get_metric_history(r.info.run_id, metric)
-                if hist:
-                    curves.setdefault(metric, {})[label] = sorted((m.step, m.value) for m in hist)
+                if not hist:
+                    continue
+                series = sorted((m.step, m.value) for m in hist)
+                if name in HELDOUT_METRICS:
+                    heldout.setdefault(name, {}).setdefault(label, []).append(series)
+                else:  # one line per run: the seed in the label when there are several
+                    curves.setdefault(metric, {})[label if len(seeds_of(evals)) <= 1 else f"{label} s{seed}"] = series
     if curves:
         plot_training_curves(curves, tmp / "training_curves.png")
         files.append("training_curves.png")
     else:
         notes.append("no rlvr/opsd training runs with metric histories in this selection: no training curves")
+    if heldout:
+        plot_heldout_curves(heldout, tmp / "heldout_vs_round.png")
+        files.append("heldout_vs_round.png")
+    else:
+        notes.append("no held-out curve in this selection (opsd.eval_every = 0): no accuracy and length by round")
 
     for r in opsd_runs:
         cond = r.data.tags.get("condition")

@@ -50,6 +50,18 @@ def render_markdown(payload: dict[str, Any]) -> str:
                 dtok += f" ({100 * r['mean_response_tokens_change']:+.1f}%)"
         lines.append(f"| {r['model']} | {r['benchmark']} | {acc} | {dacc} | {tok} | {dtok} | {r['problems']} | "
                      f"{r['samples']} | {r['seeds']} |")
+        if r["seeds"] > 1:  # a row per seed: point values, deltas against the baseline's run of that seed
+            for s in r.get("per_seed", []):
+                sd_acc = "-" if s["accuracy_delta"] is None else f"{100 * s['accuracy_delta']:+.1f} pt"
+                sd_tok = "-" if s["mean_response_tokens_delta"] is None else f"{s['mean_response_tokens_delta']:+.1f}"
+                lines.append(f"| &nbsp;&nbsp;seed {s['seed']} | | {_pct(s['accuracy'])} | {sd_acc} | "
+                             f"{s['mean_response_tokens']:.1f} | {sd_tok} | | | |")
+    if payload.get("verdict"):
+        lines += ["", f"## Verdict: the paper's directions in this study (seeds {payload.get('seeds')})", ""]
+        mark = {True: "holds", False: "does not hold", None: "not tested"}
+        for v in payload["verdict"]:
+            head = v["claim"] if v["claim"].startswith("(") else f"{v['claim']}: **{mark[v['holds']]}**"
+            lines.append(f"- {v['benchmark']}: {head} ({v['evidence']})")
     if payload.get("promotion"):
         lines += ["", f"## Promotion gate (max accuracy drop {payload['max_accuracy_drop']:g} pt, shorter on every "
                   "benchmark)", ""]
@@ -90,7 +102,11 @@ def plot_accuracy_vs_tokens(rows: list[dict[str, Any]], path: Path) -> None:
                 lo, hi = (100 * v for v in r["accuracy_ci"])
                 yerr = [[max(y - lo, 0)], [max(hi - y, 0)]]
             ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="o", color=colors[r["model"]], capsize=3,
-                        label=r["model"])
+                        label=r["model"] + (f" (mean of {r['seeds']} seeds)" if r["seeds"] > 1 else ""))
+            if r["seeds"] > 1:  # every seed's own point, small, around the mean
+                ax.scatter([s["mean_response_tokens"] for s in r["per_seed"]],
+                           [100 * s["accuracy"] for s in r["per_seed"]], s=14, alpha=0.5, marker="x",
+                           color=colors[r["model"]])
             ax.annotate(r["model"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
         ax.set_title(f"{bench}: accuracy vs length")
         ax.set_xlabel("mean response tokens")
@@ -150,6 +166,46 @@ def plot_training_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], 
         ax.legend(fontsize=8)
     for ax in axes.ravel()[len(metrics):]:
         ax.set_visible(False)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def plot_heldout_curves(curves: dict[str, dict[str, list[list[tuple[int, float]]]]], path: Path) -> None:
+    """Accuracy and mean tokens on the held-out subset against rounds done, one colour per model
+    label: the mean over its runs (seeds) bold, each run thin."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    from compaction.report.table import HELDOUT_METRICS
+
+    names = [n for n in HELDOUT_METRICS if n in curves]
+    titles = {"heldout_accuracy": ("held-out accuracy (avg@n, %)", 100.0),
+              "heldout_mean_response_tokens": ("held-out mean response tokens", 1.0)}
+    labels = sorted({label for n in names for label in curves[n]}, key=model_order_key)
+    colors = _colors(labels)
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.2), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        title, scale = titles[name]
+        for label in labels:
+            runs = curves[name].get(label, [])
+            by_step: dict[int, list[float]] = {}
+            for series in runs:
+                steps, values = zip(*series)
+                if len(runs) > 1:
+                    ax.plot(steps, [scale * v for v in values], color=colors[label], alpha=0.3, linewidth=0.8)
+                for st, v in series:
+                    by_step.setdefault(st, []).append(v)
+            if by_step:
+                steps = sorted(by_step)
+                ax.plot(steps, [scale * float(np.mean(by_step[st])) for st in steps], marker="o", color=colors[label],
+                        linewidth=1.8, label=label + (f" (mean of {len(runs)})" if len(runs) > 1 else ""))
+        ax.set_title(title)
+        ax.set_xlabel("rounds done")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

@@ -31,6 +31,8 @@ class EvalRun:
     start_time: int
     root_id: str
     train_run_id: str | None = None  # the stage run that trained the checkpoint (tag ``train_run_id``)
+    ancestors: tuple[str, ...] = ()  # the run itself, its parent, ..., its root
+    seed: int = 0  # the study seed (tag ``seed``; 0 for runs made outside a study)
 
 
 def tracking_client(uri: str):
@@ -52,20 +54,41 @@ def _search(client, exp_id: str, filter_string: str) -> list:
             return runs
 
 
-def _root_of(run, client, cache: dict) -> str:
-    """The id of the top-most ancestor of ``run`` (the flow run), following ``mlflow.parentRunId``."""
-    seen, cur = set(), run
+#: The flow whose run holds one flow run per seed (flows/study.py): a report asked for one of those
+#: reports on that seed's flow run only.
+STUDY_FLOW = "study"
+
+
+def _chain(run, client, cache: dict) -> list:
+    """``run``, its parent, ... up to its top-most ancestor, following ``mlflow.parentRunId``."""
+    seen, cur, chain = set(), run, [run]
     while True:
         parent = cur.data.tags.get(PARENT_TAG)
         if not parent or parent in seen:
-            return cur.info.run_id
+            return chain
         seen.add(cur.info.run_id)
         if parent not in cache:
             try:
                 cache[parent] = client.get_run(parent)
             except Exception:  # parent deleted: the run is its own root
-                return cur.info.run_id
+                return chain
         cur = cache[parent]
+        chain.append(cur)
+
+
+def _root_of(run, client, cache: dict) -> str:
+    """The id of the top-most ancestor of ``run`` (the flow run)."""
+    return _chain(run, client, cache)[-1].info.run_id
+
+
+def _scope_root(run, client, cache: dict) -> str:
+    """What a report on ``run`` covers: its top-most ancestor, stopping below a study's run (a
+    flow of one seed reports on that seed), or the study's run itself."""
+    chain = _chain(run, client, cache)
+    for child, parent in zip(chain, chain[1:]):
+        if parent.data.tags.get("flow") == STUDY_FLOW:
+            return child.info.run_id
+    return chain[-1].info.run_id
 
 
 def find_experiment(client, name: str, uri: str):
@@ -102,14 +125,21 @@ def select_eval_runs(client, exp, uri: str, scope: str = "latest",
         tags = r.data.tags
         if not tags.get("eval_dir"):
             raise ReportError(f"eval run {r.info.run_id} of experiment {exp.name!r} has no tag eval_dir")
+        try:
+            seed = int(tags.get("seed", 0))
+        except ValueError:
+            raise ReportError(f"eval run {r.info.run_id} of experiment {exp.name!r}: tag seed "
+                              f"{tags['seed']!r} is not an integer") from None
+        chain = tuple(c.info.run_id for c in _chain(r, client, cache))
         evals.append(EvalRun(
             run_id=r.info.run_id, model=tags.get("model") or r.info.run_name, condition=tags.get("condition"),
             policy_ref=tags.get("policy_ref"), eval_dir=Path(tags["eval_dir"]), start_time=r.info.start_time,
-            root_id=_root_of(r, client, cache), train_run_id=tags.get("train_run_id")))
+            root_id=chain[-1], train_run_id=tags.get("train_run_id"), ancestors=chain, seed=seed))
     if parent_run_id:
-        # A subflow's run (compaction inside post-train) reports on its whole flow run tree.
-        parent_run_id = _root_of(client.get_run(parent_run_id), client, cache)
-        chosen = [e for e in evals if e.root_id == parent_run_id]
+        # A subflow's run (compaction inside post-train) reports on its whole flow run tree; a
+        # seed's flow inside a study on that seed's tree; the study's run on every seed's.
+        parent_run_id = _scope_root(client.get_run(parent_run_id), client, cache)
+        chosen = [e for e in evals if parent_run_id in e.ancestors]
         if not chosen:
             raise ReportError(f"flow run {parent_run_id} of experiment {exp.name!r} has no finished eval runs")
         return chosen, parent_run_id
@@ -138,7 +168,8 @@ def stage_runs(client, exp, stage: str, root: str | None, scope_runs: Iterable[E
     if root is not None:
         named = {e.train_run_id for e in scope_runs if e.train_run_id}
         cache: dict = {}
-        return [r for r in runs if r.info.run_id in named or _root_of(r, client, cache) == root]
+        return [r for r in runs if r.info.run_id in named
+                or root in (c.info.run_id for c in _chain(r, client, cache))]
     latest: dict = {}
     for r in runs:  # newest first
         latest.setdefault(r.data.tags.get("condition") or r.data.tags.get("model") or "", r)

@@ -77,8 +77,10 @@ def bootstrap_row(frames: Sequence[pd.DataFrame], b: int, confidence: float, rng
 
 
 def bootstrap_delta(frames: Sequence[pd.DataFrame], base: Sequence[pd.DataFrame], b: int, confidence: float,
-                    rng) -> dict[str, Any]:
-    """Paired deltas (model - baseline) over the problems both were evaluated on."""
+                    rng, paired_seeds: bool = False) -> dict[str, Any]:
+    """Paired deltas (model - baseline) over the problems both were evaluated on. With
+    ``paired_seeds`` (``frames[i]`` and ``base[i]`` come from the same seed) one seed resample is
+    applied to both, as one problem resample is: the between-seed variance leaves the difference too."""
     problems = sorted(set().union(*(set(f["problem_id"]) for f in frames))
                       & set().union(*(set(f["problem_id"]) for f in base)))
     out: dict[str, Any] = {"delta_problems": len(problems)}
@@ -87,7 +89,8 @@ def bootstrap_delta(frames: Sequence[pd.DataFrame], base: Sequence[pd.DataFrame]
             out[f"{name}_delta"], out[f"{name}_delta_ci"] = None, None
         return out
     w_prob = resample_counts(rng, len(problems), b)
-    w_m, w_b = resample_counts(rng, len(frames), b), resample_counts(rng, len(base), b)
+    w_m = resample_counts(rng, len(frames), b)
+    w_b = w_m if paired_seeds and len(frames) == len(base) else resample_counts(rng, len(base), b)
     for name, column in (("accuracy", "correct"), ("mean_response_tokens", "response_tokens")):
         sm, cm = cell_sums(frames, problems, column)
         sb, cb = cell_sums(base, problems, column)
