@@ -52,7 +52,7 @@ def run_rlvr_job(params: Params, policy: str, problems: str, parent_run_id: str 
         progress = StageProgress(f"{stage}-rounds", f"{title}: {params.rlvr.rounds} rounds -> {out}")
         seconds = launch(params, "jobs.rlvr", args,
                          lambda: job.run(params, policy, problems, out, grader=grader_for(params), on_round=progress),
-                         run_id, "rlvr", progress=progress)
+                         run_id, stage, progress=progress)
     if not stage_finished(out):
         raise RuntimeError(f"{stage}: the job ended without writing {final_dir(out)}")
     return {"checkpoint": str(final_dir(out)), "stage_dir": str(out), "rounds": params.rlvr.rounds,

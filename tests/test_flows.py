@@ -110,10 +110,11 @@ def test_post_train_runs_every_stage_and_tracks_it(project):
     # already evaluated as `rlvr`) come from the cache; every other stage ran.
     assert sorted(n.split("-")[0] for n, s in states if s == "Cached") == ["evaluate", "prepare_data"]
     assert all(s in ("Completed", "Cached") for _, s in states)
-    assert sorted(set(jobs)) == ["eval", "group_filtering", "opsd", "prepare_data", "prepare_model", "report", "rlvr",
-                                 "rollout_grading", "sft"]
-    # One job per stage: RLVR once, OPSD once per condition, whatever the rounds.
+    assert sorted(set(jobs)) == ["eval", "group_filtering", "lenpen", "opsd", "prepare_data", "prepare_model", "report",
+                                 "rlvr", "rollout_grading", "sft"]
+    # One job per stage: RLVR once, OPSD once per condition, the length-penalty baseline once, whatever the rounds.
     assert jobs.count("rlvr") == 1 and jobs.count("opsd") == 3 and jobs.count("rollout_grading") == 1
+    assert jobs.count("lenpen") == 1
     # The design card's DAG, as the Prefect API shows it: rollout grading, group filtering and one
     # OPSD task per condition.
     names = sorted(n for n, _ in tree)
@@ -129,8 +130,8 @@ def test_post_train_runs_every_stage_and_tracks_it(project):
     assert (pools["correct"]["pass_rate"] >= 0.5).all() and (pools["incorrect"]["pass_rate"] < 0.5).all()
     # Each stage's progress artifact reached 100% (one per RLVR / OPSD task run, advanced every round).
     progress = progress_artifacts(flow_run_id)
-    assert sorted(k for k in progress) == ["opsd-all-rounds", "opsd-correct-rounds", "opsd-incorrect-rounds",
-                                           "rlvr-rounds"]
+    assert sorted(k for k in progress) == ["lenpen-rounds", "opsd-all-rounds", "opsd-correct-rounds",
+                                           "opsd-incorrect-rounds", "rlvr-rounds"]
     assert set(progress.values()) == {100.0}
 
     client = mlflow.MlflowClient(project["tracking_uri"])
@@ -147,7 +148,7 @@ def test_post_train_runs_every_stage_and_tracks_it(project):
         assert "opsd.lr" in r.data.params and "sft.lr" in r.data.params
 
     evals = {r.data.tags["model"]: r for r in runs if r.data.tags.get("stage") == "eval"}
-    assert set(evals) == {"sft", "rlvr", "opsd-baseline", "opsd-all", "opsd-correct", "opsd-incorrect"}
+    assert set(evals) == {"sft", "rlvr", "rlvr-lenpen", "opsd-baseline", "opsd-all", "opsd-correct", "opsd-incorrect"}
     for label, r in evals.items():
         assert Path(r.data.tags["eval_dir"], "synthetic", "grades.parquet").is_file()
         assert {"eval/synthetic/accuracy", "eval/synthetic/pass_at_k", "eval/synthetic/mean_response_tokens"} \
@@ -159,13 +160,25 @@ def test_post_train_runs_every_stage_and_tracks_it(project):
     assert evals["rlvr"].data.tags["eval_dir"] == evals["opsd-baseline"].data.tags["eval_dir"]
 
     # Training stages: one nested run per stage, rounds as steps, live metrics from the jobs.
-    rlvr = [r for r in runs if r.data.tags.get("stage") == "rlvr"]
+    rlvr = [r for r in runs if r.data.tags.get("stage") == "rlvr" and r.data.tags["model"] == "rlvr"]
     assert len(rlvr) == 1 and by_id[rlvr[0].data.tags["mlflow.parentRunId"]].data.tags["flow"] == "post-train"
     history = client.get_metric_history(rlvr[0].info.run_id, "rlvr/reward_mean")
     assert sorted(m.step for m in history) == [0, 1]
     opsd = {r.data.tags["condition"]: r for r in runs if r.data.tags.get("stage") == "opsd"}
     assert set(opsd) == {"all", "correct", "incorrect"}
     assert sorted(m.step for m in client.get_metric_history(opsd["all"].info.run_id, "opsd/loss")) == [0, 1]
+    # The held-out curve (opsd.eval_every 1): a point before the first round and after each, step = rounds done;
+    # the length-penalty baseline has the same one (its rounds are OPSD's).
+    (lenpen,) = [r for r in runs if r.data.tags.get("model") == "rlvr-lenpen" and r.data.tags.get("stage") == "rlvr"]
+    assert lenpen.data.tags["condition"] == "lenpen"
+    assert by_id[lenpen.data.tags["mlflow.parentRunId"]].data.tags["flow"] == "compaction"
+    for run, prefix in ((opsd["all"], "opsd"), (opsd["incorrect"], "opsd"), (lenpen, "rlvr")):
+        for name in ("heldout_accuracy", "heldout_mean_response_tokens"):
+            points = client.get_metric_history(run.info.run_id, f"{prefix}/{name}")
+            assert sorted(m.step for m in points) == [0, 1, 2], (run.data.tags["model"], name)
+        assert sorted(p.name for p in Path(run.data.tags["stage_dir"], "heldout").iterdir()) == [
+            "after-0000.json", "after-0001.json", "after-0002.json"]
+    assert sorted(m.step for m in client.get_metric_history(lenpen.info.run_id, "rlvr/reward_mean")) == [0, 1]
     # The stages trained: every RLVR round took optimizer steps with a gradient, and so did OPSD.
     for metric in ("rlvr/optimizer_steps", "rlvr/grad_norm"):
         values = [m.value for m in client.get_metric_history(rlvr[0].info.run_id, metric)]
@@ -192,10 +205,10 @@ def test_post_train_runs_every_stage_and_tracks_it(project):
     local = registry.resolve_checkpoint(params.tracking, "models:/rlvr/1")
     assert Path(local, "config.json").is_file() and local == result["rlvr"]["path"]
     compacted = registry.list_versions(params.tracking, "compacted")
-    assert sorted(v.tags["condition"] for v in compacted) == ["all", "correct", "incorrect"]
+    assert sorted(v.tags["condition"] for v in compacted) == ["all", "correct", "incorrect", "lenpen"]
     assert {v.tags["policy_ref"] for v in compacted} == {"models:/rlvr/1"}
-    assert {v.tags["condition"]: v.tags["eval_run_id"] for v in compacted} == {
-        c: evals[f"opsd-{c}"].info.run_id for c in ("all", "correct", "incorrect")}
+    assert {v.tags["model"]: v.tags["eval_run_id"] for v in compacted} == {
+        m: evals[m].info.run_id for m in ("opsd-all", "opsd-correct", "opsd-incorrect", "rlvr-lenpen")}
 
     # The promotion gate ran in registration: each version carries its verdict, the flow returns
     # it, and alias `candidate` is on a version that passed (none when none passed).
@@ -229,10 +242,10 @@ def test_second_run_with_the_same_inputs_executes_no_job(project):
     assert {n.split("-")[0] for n, _ in states} == set(STAGE_TASKS)
     # One cached task per training stage.
     assert sorted(n for n, _ in states if n.startswith(("rlvr", "opsd"))) == [
-        "opsd-all", "opsd-correct", "opsd-incorrect", "rlvr"]
+        "opsd-all", "opsd-correct", "opsd-incorrect", "rlvr", "rlvr-lenpen"]
     # Registration is idempotent: the same folders are the same versions.
     assert result["rlvr"]["uri"] == "models:/rlvr/1"
-    assert sorted(r["version"] for r in result["compaction"]["registered"]) == ["1", "2", "3"]
+    assert sorted(r["version"] for r in result["compaction"]["registered"]) == ["1", "2", "3", "4"]
     # ... and each version's eval_run_id now names this flow run's evaluation of it.
     from compaction import registry
     from compaction.params import load_params
@@ -240,11 +253,11 @@ def test_second_run_with_the_same_inputs_executes_no_job(project):
     params = load_params(SMOKE, base=project["root"])
     evaluations = result["compaction"]["evaluations"]
     assert {v.tags["condition"]: v.tags["eval_run_id"] for v in registry.list_versions(params.tracking, "compacted")} \
-        == {c: evaluations[c]["run_id"] for c in ("all", "correct", "incorrect")}
+        == {c: evaluations[c]["run_id"] for c in ("all", "correct", "incorrect", "lenpen")}
     # Its report, which replaces the first one, still has the training curves and redundancy maps:
     # its evaluations name the earlier flow run's training runs (tag train_run_id).
     report_dir = Path(result["compaction"]["report"]["out_dir"])
-    assert (report_dir / "training_curves.png").is_file()
+    assert (report_dir / "training_curves.png").is_file() and (report_dir / "heldout_vs_round.png").is_file()
     assert {p.name for p in report_dir.glob("redundancy_map_*.html")} == {
         f"redundancy_map_{c}.html" for c in trained_conditions(result)}
 
@@ -261,7 +274,7 @@ def test_changed_opsd_lr_reruns_opsd_and_its_evaluation_only(project):
     assert [s for n, s in states.items() if n.startswith("prepare_data")] == ["Cached"]
     evaluate = sorted(s for n, s in states.items() if n.startswith("evaluate"))
     assert evaluate == ["Cached", "Completed"]  # the baseline from the cache, the new model evaluated
-    assert [r["version"] for r in result["registered"]] == ["4"]
+    assert [r["version"] for r in result["registered"]] == ["5"]
 
 
 def test_missing_output_invalidates_its_cache_record(project):

@@ -74,3 +74,48 @@ def test_paired_delta_of_a_model_with_itself_is_exactly_zero():
     assert out["mean_response_tokens_delta_ci"] == pytest.approx([-2, -2])
     disjoint = frame(["z"], [True], [1])
     assert bootstrap_delta([disjoint], [f], 10, 0.9, np.random.default_rng(0))["accuracy_delta"] is None
+
+
+def test_deltas_paired_by_seed_remove_the_seed_effect_both_models_share():
+    """Two models evaluated under the same seeds, where each seed moves both by the same amount (a
+    shared evaluation seed): paired by seed, the delta's interval is narrower than unpaired, and
+    it still covers the true difference."""
+    rng = np.random.default_rng(0)
+    problems = [f"p{i}" for i in range(40)]
+    model, base = [], []
+    for shift in (-0.3, 0.0, 0.3):  # the seed's effect on both models' lengths
+        noise = rng.normal(0, 0.5, len(problems))
+        base.append(pd.DataFrame({"problem_id": problems, "correct": True,
+                                  "response_tokens": 50 + 40 * shift + noise}))
+        model.append(pd.DataFrame({"problem_id": problems, "correct": True,
+                                   "response_tokens": 45 + 40 * shift + noise + rng.normal(0, 0.5, len(problems))}))
+    paired = bootstrap_delta(model, base, 2000, 0.95, seeded_rng(0, "d"), paired_seeds=True)
+    unpaired = bootstrap_delta(model, base, 2000, 0.95, seeded_rng(0, "d"), paired_seeds=False)
+    lo_p, hi_p = paired["mean_response_tokens_delta_ci"]
+    lo_u, hi_u = unpaired["mean_response_tokens_delta_ci"]
+    assert paired["mean_response_tokens_delta"] == pytest.approx(unpaired["mean_response_tokens_delta"])
+    assert lo_p <= -5 <= hi_p
+    assert (hi_p - lo_p) < 0.5 * (hi_u - lo_u)
+
+
+def test_verdict_reads_the_papers_three_directions_off_the_rows():
+    from compaction.report.table import verdict
+
+    def row(model, acc, delta, ci_hi, change):
+        return {"model": model, "benchmark": "b", "accuracy": acc, "accuracy_delta": delta,
+                "accuracy_delta_ci": [delta - 0.02, ci_hi], "mean_response_tokens": 100 * (1 + change),
+                "mean_response_tokens_change": change, "mean_response_tokens_delta": 100 * change,
+                "mean_response_tokens_delta_ci": [100 * change - 1, 100 * change + 1]}
+
+    rows = [row("opsd-correct", 0.55, -0.01, 0.01, -0.25), row("opsd-incorrect", 0.45, -0.10, -0.01, -0.40),
+            row("opsd-all", 0.50, -0.05, 0.0, -0.30), row("rlvr-lenpen", 0.54, -0.02, 0.0, -0.28)]
+    v = {x["claim"]: x for x in verdict(rows, "rlvr")}
+    assert v["correct-only is >=20% shorter and within 2 pt"]["holds"] is True
+    assert v["incorrect-only loses accuracy"]["holds"] is True
+    assert v["all sits in between"]["holds"] is True
+    assert "rlvr-lenpen vs rlvr: -2.0 pt" in v["(baseline) the length penalty, for comparison"]["evidence"]
+    # Each direction can fail: only 15% shorter; an interval reaching 0; all above correct-only.
+    rows = [row("opsd-correct", 0.55, -0.01, 0.01, -0.15), row("opsd-incorrect", 0.45, -0.10, 0.001, -0.40),
+            row("opsd-all", 0.60, 0.04, 0.06, -0.30)]
+    assert [x["holds"] for x in verdict(rows, "rlvr")] == [False, False, False]
+    assert [x["holds"] for x in verdict(rows[:1], "rlvr")] == [False, None, None]  # missing models: not tested

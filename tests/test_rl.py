@@ -139,3 +139,17 @@ def test_k3_kl_by_hand():
     assert float(loss) == pytest.approx(0.1 * (0.5 + math.log(2) - 1))
     loss.backward()
     assert float(logp.grad) == pytest.approx(0.1 * 0.5)
+
+
+def test_length_penalty_by_hand():
+    """reward = 1[correct] * (1 - a * L / L_max): correct answers lose a * L / L_max, wrong ones nothing,
+    and the longest correct answer still earns more than any wrong one."""
+    from compaction.rl import length_penalty
+
+    correct = np.array([True, True, False, True])
+    lengths = np.array([0, 40, 160, 160])
+    pen = length_penalty(correct, lengths, 160, 0.5)
+    assert pen.tolist() == [0.0, -0.125, 0.0, -0.5]
+    reward = correct.astype(float) + pen
+    assert reward.tolist() == [1.0, 0.875, 0.0, 0.5]
+    assert reward[correct].min() > reward[~correct].max()

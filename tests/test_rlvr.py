@@ -146,3 +146,25 @@ def test_every_aggregation_and_option_takes_a_step(option, sft_ckpt, smoke_data,
     assert m["rlvr/grad_norm"] > 0, m
     a, b = load_file(str(Path(sft_ckpt) / "model.safetensors")), load_file(str(Path(final) / "model.safetensors"))
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_length_penalty_baseline_rewards_shorter_correct_answers(smoke_params, tmp_path):
+    """rlvr.length_penalty (the `lenpen` branch): 1 - a * L / max_new_tokens for a correct answer, 0
+    for a wrong one, so a group of correct answers of different lengths has advantages that
+    favour the shorter (DAPO's overlong penalty off here)."""
+    from compaction.rl import group_advantages
+    from jobs.rlvr import RLVRStage
+
+    params = smoke_params.model_copy(deep=True)
+    params.rlvr.length_penalty, params.rlvr.overlong, params.rlvr.max_new_tokens = 0.5, "none", 100
+    stage = RLVRStage(params, "unused-policy", "unused-problems", tmp_path)
+    rollouts = pd.DataFrame({"group": [0, 0, 1, 1], "response_tokens": [10, 50, 20, 100],
+                             "finish_reason": ["stop", "stop", "stop", "length"]})
+    grades = pd.DataFrame({"correct": [True, True, False, True]})
+    _, rewards = stage.rewards(rollouts, grades)
+    np.testing.assert_allclose(rewards, [[0.95, 0.75], [0.0, 0.5]])
+    adv = group_advantages(rewards, "group")
+    assert adv[0, 0] > 0 > adv[0, 1]  # two correct answers: the shorter one is reinforced
+    params.rlvr.length_penalty = 0.0  # RLVR itself: correct is 1 whatever its length
+    _, plain = RLVRStage(params, "unused-policy", "unused-problems", tmp_path).rewards(rollouts, grades)
+    np.testing.assert_allclose(plain, [[1.0, 1.0], [0.0, 1.0]])
