@@ -134,6 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "report" and args.study and args.study != "latest":
             overrides = [f"study={args.study}", f"tracking.experiment=compaction-{args.study}", *overrides]
         params = load_params(args.params, overrides)  # fail on bad params before any work
+        if args.command == "run" and args.flow == "study":
+            from flows.study import parse_seeds
+
+            parse_seeds(args.seeds)  # fail on bad seeds before the server starts
         if args.command in ("run", "demo"):
             from flows.direct import start_ephemeral_server
 

@@ -488,3 +488,123 @@ def test_job_slots_bound_concurrent_jobs_and_devices_are_disjoint(prefect_server
     assert sorted(d for g in held for d in g) == ["0", "1", "2", "3", "4", "5"] and all(len(g) == 2 for g in held)
     with pytest.raises(ValueError, match="devices_per_job=3: only 2"):
         DevicePool(["0", "1"], 3)
+
+
+# ------------------------------------------------------------------------------ study
+# Last in this module: the study registers more versions and flow runs in the project's store.
+SEEDS = [0, 1]
+
+
+@pytest.fixture(scope="module")
+def study_run(project):
+    """The study over seeds 0 and 1 in the project where post-train already ran on the same params:
+    seed 0 is that run (the params file itself), seed 1 trains."""
+    from flows.study import study
+
+    return run_flow(study, params=SMOKE, seeds=SEEDS)
+
+
+def test_study_trains_every_new_seed_and_reports_over_them(project, study_run):
+    result, tree, jobs, _ = study_run
+    assert result["seeds"] == SEEDS
+    # Seed 0 is the post-train run of this project, from the cache; seed 1 trains its own pipeline
+    # on the same problems.
+    assert jobs.count("sft") == 1 and jobs.count("rlvr") == 1 and jobs.count("lenpen") == 1
+    assert jobs.count("opsd") == 3 and "prepare_data" not in jobs
+    runs = result["post_train"]
+    assert runs[0]["sft"] == project["first"][0]["sft"] != runs[1]["sft"]
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(Path(runs[s]["sft"]) / "model.safetensors")) for s in SEEDS)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # another initialisation and order: other weights
+
+    payload = json.loads((Path(result["report"]["out_dir"]) / "report.json").read_text())
+    assert payload["seeds"] == SEEDS
+    models = [r["model"] for r in payload["rows"]]
+    assert models == ["sft", "rlvr", "rlvr-lenpen", "opsd-baseline", "opsd-all", "opsd-correct", "opsd-incorrect"]
+    by_model = {r["model"]: r for r in payload["rows"]}
+    for r in payload["rows"]:
+        assert r["seeds"] == 2 and [s["seed"] for s in r["per_seed"]] == SEEDS, r["model"]
+        assert len(set(r["eval_runs"])) == 2
+        # The row pools its seeds: its accuracy is the mean of theirs (same problems and samples each).
+        assert r["accuracy"] == pytest.approx(sum(s["accuracy"] for s in r["per_seed"]) / 2)
+    # Per seed, deltas are against the baseline's run of the same seed.
+    rlvr = {s["seed"]: s for s in by_model["rlvr"]["per_seed"]}
+    for s in by_model["opsd-all"]["per_seed"]:
+        assert s["accuracy_delta"] == pytest.approx(s["accuracy"] - rlvr[s["seed"]]["accuracy"])
+        assert s["mean_response_tokens_delta"] == pytest.approx(
+            s["mean_response_tokens"] - rlvr[s["seed"]]["mean_response_tokens"])
+    assert all(s["accuracy_delta"] is None for s in by_model["rlvr"]["per_seed"])
+    claims = [v["claim"] for v in payload["verdict"]]
+    assert claims[:3] == ["correct-only is >=20% shorter and within 2 pt", "incorrect-only loses accuracy",
+                          "all sits in between"]
+    assert all(v["holds"] in (True, False) for v in payload["verdict"][:3])
+    assert "rlvr-lenpen vs rlvr" in payload["verdict"][3]["evidence"]
+    assert "rlvr-lenpen" in payload["promotion"]
+    assert {"accuracy_vs_tokens.png", "heldout_vs_round.png"} <= set(payload["files"])
+    md = (Path(result["report"]["out_dir"]) / "report.md").read_text()
+    assert "## Verdict" in md and md.count("seed 1 |") == len(models)
+
+    # Each seed's own report (its compaction flow) covers that seed only.
+    for s in SEEDS:
+        own = json.loads((project["root"] / "artifacts" / "reports" / f"smoke-seed{s}" / "report.json").read_text())
+        assert own["seeds"] == [s] and {r["seeds"] for r in own["rows"]} == {1}
+
+    # MLflow: the study's run holds one post-train run per seed, each tagged with its seed.
+    client = mlflow.MlflowClient(project["tracking_uri"])
+    exp = client.get_experiment_by_name("compaction-smoke")
+    (top,) = client.search_runs([exp.experiment_id], "tags.flow = 'study'")
+    flows = client.search_runs([exp.experiment_id], f"tags.flow = 'post-train' and tags.mlflow.parentRunId = "
+                                                    f"'{top.info.run_id}'")
+    assert sorted(r.data.tags["seed"] for r in flows) == ["0", "1"]
+
+
+def test_report_json_from_the_command_line_has_seeds_and_per_seed(project, study_run, capsys):
+    from cli.main import main
+
+    capsys.readouterr()
+    assert main(["report", "--params", SMOKE, "--json", "--no-mlflow", "--out", str(project["root"] / "cli")]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["seeds"] == SEEDS  # the latest flow run: the study, every seed
+    assert all(r["seeds"] == 2 and len(r["per_seed"]) == 2 for r in payload["rows"])
+
+
+def test_study_rerun_reuses_every_seed(study_run):
+    from flows.study import study
+
+    result, tree, jobs, _ = run_flow(study, params=SMOKE, seeds=SEEDS)
+    assert jobs == ["report"] * 3  # each seed's report and the study's: never cached
+    states = stage_states(tree)
+    assert states and all(state == "Cached" for _, state in states), states
+    payload = json.loads((Path(result["report"]["out_dir"]) / "report.json").read_text())
+    assert payload["seeds"] == SEEDS and all(r["seeds"] == 2 for r in payload["rows"])
+
+
+def test_seed_zero_is_the_params_file_and_other_seeds_move_every_seed_field():
+    from functools import reduce
+
+    from compaction.params import load_params
+    from flows.study import SEED_FIELDS, seed_overrides
+
+    base = load_params(SMOKE)
+    zero = load_params(SMOKE, seed_overrides(base, 0))
+    assert zero.model_dump(exclude={"study", "seed"}) == base.model_dump(exclude={"study", "seed"})
+    two = load_params(SMOKE, seed_overrides(base, 2))
+    assert two.seed == 2 and two.study == "smoke-seed2"
+    for field in SEED_FIELDS:
+        assert reduce(getattr, field.split("."), two) == reduce(getattr, field.split("."), base) + 2, field
+    assert two.data == base.data  # the same problems: deltas stay paired
+
+
+def test_bad_seeds_fail_before_any_job(capsys):
+    from cli.main import main
+    from flows.study import parse_seeds
+    from tasks.launch import JOB_SECONDS
+
+    assert parse_seeds("0, 1,2") == [0, 1, 2]
+    for bad, match in (("0,0", "repeated"), ("a,1", "integers"), ("", "integers"), ("-1", "negative")):
+        with pytest.raises(ValueError, match=match):
+            parse_seeds(bad)
+    JOB_SECONDS.clear()
+    assert main(["run", "study", "--params", SMOKE, "--seeds", "1,1"]) == 2
+    assert "seeds: repeated seed in [1, 1]" in capsys.readouterr().err and JOB_SECONDS == []
