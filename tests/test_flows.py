@@ -167,7 +167,8 @@ def test_post_train_runs_every_stage_and_tracks_it(project):
     opsd = {r.data.tags["condition"]: r for r in runs if r.data.tags.get("stage") == "opsd"}
     assert set(opsd) == {"all", "correct", "incorrect"}
     assert sorted(m.step for m in client.get_metric_history(opsd["all"].info.run_id, "opsd/loss")) == [0, 1]
-    # The held-out curve (opsd.eval_every 1): a point before the first round and after each, step = rounds done;
+    # The held-out curve (opsd.eval_every 2 of 2 rounds): a point before the first round and after the last,
+    # step = rounds done;
     # the length-penalty baseline has the same one (its rounds are OPSD's).
     (lenpen,) = [r for r in runs if r.data.tags.get("model") == "rlvr-lenpen" and r.data.tags.get("stage") == "rlvr"]
     assert lenpen.data.tags["condition"] == "lenpen"
@@ -175,9 +176,9 @@ def test_post_train_runs_every_stage_and_tracks_it(project):
     for run, prefix in ((opsd["all"], "opsd"), (opsd["incorrect"], "opsd"), (lenpen, "rlvr")):
         for name in ("heldout_accuracy", "heldout_mean_response_tokens"):
             points = client.get_metric_history(run.info.run_id, f"{prefix}/{name}")
-            assert sorted(m.step for m in points) == [0, 1, 2], (run.data.tags["model"], name)
+            assert sorted(m.step for m in points) == [0, 2], (run.data.tags["model"], name)
         assert sorted(p.name for p in Path(run.data.tags["stage_dir"], "heldout").iterdir()) == [
-            "after-0000.json", "after-0001.json", "after-0002.json"]
+            "after-0000.json", "after-0002.json"]
     assert sorted(m.step for m in client.get_metric_history(lenpen.info.run_id, "rlvr/reward_mean")) == [0, 1]
     # The stages trained: every RLVR round took optimizer steps with a gradient, and so did OPSD.
     for metric in ("rlvr/optimizer_steps", "rlvr/grad_norm"):
