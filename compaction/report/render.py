@@ -78,6 +78,16 @@ def render_markdown(payload: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _save(fig, path: Path) -> None:
+    """Write ``fig`` as a PNG, atomically, and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
 def _colors(models: Sequence[str]) -> dict[str, Any]:
     import matplotlib
 
@@ -113,10 +123,7 @@ def plot_accuracy_vs_tokens(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_ylabel("accuracy (avg@k, %)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_length_histograms(data: dict[str, dict[str, pd.DataFrame]], path: Path) -> None:
@@ -138,10 +145,7 @@ def plot_length_histograms(data: dict[str, dict[str, pd.DataFrame]], path: Path)
         ax.set_xlabel("response tokens")
         ax.set_ylabel("samples")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_training_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], path: Path) -> None:
@@ -166,10 +170,7 @@ def plot_training_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], 
         ax.legend(fontsize=8)
     for ax in axes.ravel()[len(metrics):]:
         ax.set_visible(False)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_heldout_curves(curves: dict[str, dict[str, list[list[tuple[int, float]]]]], path: Path) -> None:
@@ -206,7 +207,4 @@ def plot_heldout_curves(curves: dict[str, dict[str, list[list[tuple[int, float]]
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    _save(fig, path)
