@@ -76,11 +76,6 @@ def _chain(run, client, cache: dict) -> list:
         chain.append(cur)
 
 
-def _root_of(run, client, cache: dict) -> str:
-    """The id of the top-most ancestor of ``run`` (the flow run)."""
-    return _chain(run, client, cache)[-1].info.run_id
-
-
 def _scope_root(run, client, cache: dict) -> str:
     """What a report on ``run`` covers: its top-most ancestor, stopping below a study's run (a
     flow of one seed reports on that seed), or the study's run itself."""
