@@ -39,14 +39,15 @@ from tasks.report import report
 from tasks.runs import flow_run, load_flow_params
 
 
-def run_branches(branch: Callable[[str], Any], conditions: Sequence[str]) -> list[Any]:
-    """``branch(c)`` for every condition, submitted together (threads sharing this flow run's
-    context: its Prefect flow run and MLflow parent run); results in the conditions' order. The
-    first failure is raised after every branch has ended."""
-    if len(conditions) <= 1:
-        return [branch(c) for c in conditions]
-    with ThreadPoolExecutor(max_workers=len(conditions), thread_name_prefix="condition") as pool:
-        futures = [pool.submit(contextvars.copy_context().run, branch, c) for c in conditions]
+def run_branches(branch: Callable[[Any], Any], items: Sequence[Any], max_workers: int | None = None) -> list[Any]:
+    """``branch(x)`` for every item (condition, seed), submitted together, at most ``max_workers``
+    at once (threads sharing this flow run's context: its Prefect flow run and MLflow parent run);
+    results in the items' order. The first failure is raised after every branch has ended."""
+    workers = min(len(items), max_workers or len(items))
+    if workers <= 1:
+        return [branch(x) for x in items]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="branch") as pool:
+        futures = [pool.submit(contextvars.copy_context().run, branch, x) for x in items]
     return [f.result() for f in futures]
 
 

@@ -14,14 +14,12 @@ task keyed by its sections, so a rerun of the study reuses every finished seed.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-import contextvars
 from typing import Sequence
 
 from prefect import flow
 
 from compaction.params import Params
-from flows.compact import check_conditions
+from flows.compact import check_conditions, run_branches
 from flows.post_train import post_train
 from tasks.launch import ensure_job_limit
 from tasks.report import report
@@ -72,13 +70,8 @@ def study(params: str = "params/demo.yaml", overrides: list[str] = [],  # noqa: 
         def one_seed(seed: int) -> dict:
             return post_train(params=params, overrides=[*overrides, *seed_overrides(p, seed)], conditions=conditions)
 
-        workers = min(len(chosen), p.launcher.max_concurrent_jobs)
-        if workers <= 1:
-            results = [one_seed(s) for s in chosen]
-        else:  # seeds share the job limit's slots: they overlap only where the machine has room
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="seed") as pool:
-                futures = [pool.submit(contextvars.copy_context().run, one_seed, s) for s in chosen]
-            results = [f.result() for f in futures]
+        # Seeds share the job limit's slots: they overlap only where the machine has room.
+        results = run_branches(one_seed, chosen, p.launcher.max_concurrent_jobs)
         summary = report(p, parent)
         return {"seeds": chosen, "post_train": dict(zip(chosen, results)), "report": summary,
                 "mlflow_run_id": parent}
