@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from compaction.data import ROLLOUT_COLUMNS
+from compaction.data import ROLLOUT_COLUMNS, load_problems
 from compaction.artifacts import atomic_path
 from compaction.logs import get_logger
 from compaction.rollout import HFEngine, Sampling, generate_rollouts
@@ -127,8 +127,6 @@ class RoundStage:
         ``cfg.eval_problems`` problems of the eval split, evaluated by :meth:`evaluate_heldout`."""
         if cfg.eval_every <= 0:
             return
-        from compaction.data import load_problems
-
         problems = load_problems(problems_path, "eval").head(cfg.eval_problems)
         if problems.empty:
             raise ValueError(f"{problems_path}: no eval split for the held-out curve ({prefix}.eval_every = "
