@@ -53,6 +53,7 @@ class CallTimer:
         self.in_job, self.main = in_job, threading.main_thread().ident
         self.seconds: dict[str, float] = collections.defaultdict(float)
         self.calls: collections.Counter = collections.Counter()
+        self.by_name: dict[str, list[float]] = collections.defaultdict(list)  # "layer: method" -> seconds
         self.depth, self.on, self._undo = 0, False, []
 
     def wrap(self, cls, layer: str) -> None:
@@ -74,8 +75,10 @@ class CallTimer:
                 return fn(*a, **k)
             finally:
                 self.depth -= 1
-                self.seconds[layer] += time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                self.seconds[layer] += dt
                 self.calls[layer] += 1
+                self.by_name[f"{layer}: {fn.__name__}"].append(dt)
         return timed
 
     def restore(self) -> None:
@@ -241,6 +244,8 @@ def main() -> None:
     for layer in ("MLflow store", "Prefect API"):
         print(f"    {layer + ' calls:':<46} {calls.seconds[layer]:6.1f} s = {calls.seconds[layer] / flow_s:.1%} "
               f"({calls.calls[layer]} calls, mean {1000 * calls.seconds[layer] / max(calls.calls[layer], 1):.1f} ms)")
+        top = sorted(((n, v) for n, v in calls.by_name.items() if n.startswith(layer)), key=lambda nv: -sum(nv[1]))[:6]
+        print("      " + ", ".join(f"{n.split(': ')[1]} {1000 * sum(v):.0f} ms x{len(v)}" for n, v in top))
     rest = overhead - sum(calls.seconds.values())
     print(f"    {'the rest (Prefect engine, our task code):':<46} {rest:6.1f} s = {rest / flow_s:.1%}")
     print(f"  baseline, Prefect alone: this flow's shape with no-op tasks ({len(shape)} task runs, a subflow): "

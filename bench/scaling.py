@@ -173,8 +173,9 @@ def measure(size: str, args, work: Path) -> dict:
         n_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     result = {"size": size, "params": n_params, "rounds": args.rounds, "old_rounds": old_rounds,
               "save_every": args.save_every}
-    for stage in ("rlvr", "opsd"):
-        for layout, code in (("old", args.old_code), ("new", str(REPO))):
+    for stage in args.stages.split(","):
+        for layout in args.layouts.split(","):
+            code = args.old_code if layout == "old" else str(REPO)
             out = root / f"{stage}-{layout}"
             total = dict.fromkeys([*CATEGORIES, "wall"], 0.0)
             rounds = old_rounds if layout == "old" else args.rounds
@@ -185,10 +186,15 @@ def measure(size: str, args, work: Path) -> dict:
                 written = du(out)  # every round folder is kept: model, state and record
                 ckpt_bytes = du(out / "round-0000") - du_record(out / "round-0000")
             else:
-                t, wall = run_child(child_cmd(code, stage, root, base, data["problems"], out, sets + checkpoints,
-                                              None))
+                staging = ["launcher.checkpoint_staging_dir=null"] if layout == "direct" else []
+                t, wall = run_child(child_cmd(code, stage, root, base, data["problems"], out,
+                                              sets + checkpoints + staging, None))
                 add(total, t, wall)
                 timings = json.loads((out / "timings.json").read_text())
+                print(f"  {size} {stage} {layout}: setup {timings['setup']:.2f} s, checkpoints "
+                      + ", ".join(f"{c:.2f}" for c in timings["checkpoints"])
+                      + f" s, final {timings['final']:.2f} s, last checkpoint's copy waited "
+                      f"{timings.get('checkpoint_wait', 0):.2f} s", flush=True)
                 n_ckpt = len(timings["checkpoints"])
                 ckpt_bytes = du(sorted((out / "checkpoints").iterdir())[-1])
                 written = du(out) + ckpt_bytes * (n_ckpt - len(list((out / "checkpoints").iterdir())))
@@ -238,7 +244,9 @@ def report(results: list[dict], write_mb_s: float, read_mb_s: float) -> None:
     print("|" + "---|" * (head.count("|") - 1))
     for r in results:
         for stage in ("rlvr", "opsd"):
-            for layout in ("old", "new"):
+            for layout in ("old", "direct", "new"):
+                if f"{stage}_{layout}" not in r:
+                    continue
                 m = r[f"{stage}_{layout}"]
                 share = (m["state_io"] + m["startup"]) / m["wall"]
                 rounds = r["old_rounds"] if layout == "old" else r["rounds"]
@@ -248,6 +256,8 @@ def report(results: list[dict], write_mb_s: float, read_mb_s: float) -> None:
     big = results[-1]
     print(f"\nprojection (bytes per parameter measured at {big['size']}; seconds at this disk's bandwidth):")
     for stage in ("rlvr", "opsd"):
+        if f"{stage}_old" not in big or f"{stage}_new" not in big:
+            continue
         old, new = big[f"{stage}_old"], big[f"{stage}_new"]
         per_param_old = (old["bytes_per_round"] - old["record_bytes_per_round"]) / big["params"]
         per_param_ckpt = new["checkpoint_bytes"] / big["params"]
@@ -273,10 +283,15 @@ def main() -> None:
     ap.add_argument("--sizes", default="demo,10m,50m")
     ap.add_argument("--old-code", default="/tmp/old-layout", help="worktree of the commit before stage-long jobs")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--stages", default="rlvr,opsd")
+    ap.add_argument("--layouts", default="old,direct,new",
+                    help="old: a process per round (--old-code); direct: one process, checkpoints written straight "
+                    "to disk (launcher.checkpoint_staging_dir=null); new: one process, checkpoints staged in memory "
+                    "and copied in the background")
     args = ap.parse_args()
     if args.driver:
         return driver(args)
-    if not (Path(args.old_code) / "jobs" / "rlvr.py").is_file():
+    if "old" in args.layouts and not (Path(args.old_code) / "jobs" / "rlvr.py").is_file():
         raise SystemExit(f"--old-code {args.old_code}: not a checkout; git worktree add {args.old_code} b41303d")
     with tempfile.TemporaryDirectory(prefix="bench-scaling-") as tmp:
         work = Path(tmp)

@@ -546,6 +546,12 @@ class LauncherParams(Section):
         "one Prefect server: the slots of the global concurrency limit `compaction-jobs`. The condition "
         "branches of a flow are submitted together and wait for a slot. 1 on a CPU machine (a job uses "
         "every core); on a node of 8 GPUs, 8 / devices_per_job.")
+    checkpoint_staging_dir: str | None = Field(
+        "/dev/shm", description="RLVR and OPSD write each checkpoint into this memory-backed folder and copy it "
+        "to the stage folder in a background thread while the next rounds train (compaction.training."
+        "CheckpointWriter); it needs room for one checkpoint (weights and optimizer state: ~12-16 bytes a "
+        "parameter, ~100-130 GB per node at Qwen3-8B). Less room there, a missing folder or null: written "
+        "straight to the stage folder, the training loop waiting for the disk.")
     devices_per_job: int | None = Field(
         None, ge=1, description="GPUs each concurrent job gets (CUDA_VISIBLE_DEVICES, launcher.kind = "
         "accelerate); None = every visible GPU, for one job at a time.")

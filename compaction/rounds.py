@@ -8,7 +8,8 @@ grader are set up once, then every round runs in the same process(es). A stage f
   written atomically; kilobytes, never a model;
 - ``checkpoints/step-XXXXXXXX/`` (step = rounds done): accelerate state (weights, optimizer, every
   RNG), the stage's extras (an EMA teacher) and ``trainer_state.json``; written every
-  ``save_every`` rounds and after the last one, the newest ``keep_checkpoints`` kept;
+  ``save_every`` rounds and after the last one, the newest ``keep_checkpoints`` kept; staged in
+  memory and copied to disk while the next rounds train (``launcher.checkpoint_staging_dir``);
 - ``final/``: the stage's output, one HF ``save_pretrained`` folder, written at the end;
 - ``heldout/after-XXXX.json``: the held-out curve's point after XXXX rounds (``eval_every`` > 0);
 - ``timings.json``: seconds of setup, each checkpoint and the final save (bench/scaling.py);
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -47,7 +49,7 @@ from compaction.data import ROLLOUT_COLUMNS, load_problems
 from compaction.artifacts import atomic_path
 from compaction.logs import get_logger
 from compaction.rollout import HFEngine, Sampling, generate_rollouts
-from compaction.training import hf_state_dict, latest_checkpoint, save_checkpoint
+from compaction.training import CheckpointWriter, hf_state_dict, latest_checkpoint
 
 #: The stage's output folder (HF ``save_pretrained``); its config.json marks a finished stage.
 FINAL_DIR = "final"
@@ -85,12 +87,16 @@ class RoundStage:
     #: The held-out curve's problems, section and metric prefix (:meth:`setup_heldout`); None: off.
     heldout: tuple | None = None
 
-    def __init__(self, out: Path, keep_checkpoints: int, grader=None):
-        self.out, self.keep = Path(out), keep_checkpoints
+    #: Writes the checkpoints (:class:`compaction.training.CheckpointWriter`), made after setup
+    #: (which removes what a killed job left in the staging folder).
+    checkpoints: CheckpointWriter | None = None
+
+    def __init__(self, out: Path, keep_checkpoints: int, grader=None, staging_dir: str | None = None):
+        self.out, self.keep, self.staging_dir = Path(out), keep_checkpoints, staging_dir
         self.grader = grader  # running workers shared with the caller's other jobs; None: the job's own
         self.resources = ExitStack()  # what close() releases: the job's own grading workers
         self.timings: dict[str, Any] = {"setup": 0.0, "resume": 0.0, "checkpoints": [], "final": 0.0,
-                                        "weight_syncs": []}
+                                        "checkpoint_wait": 0.0, "weight_syncs": []}
 
     def setup(self) -> None:
         raise NotImplementedError
@@ -112,7 +118,11 @@ class RoundStage:
         try:
             self.stop_rollout_server()
         finally:
-            self.resources.close()
+            try:
+                if self.checkpoints is not None:
+                    self.checkpoints.close()
+            finally:
+                self.resources.close()
 
     def start_grader(self, grading) -> None:
         """Grading workers of the job's own (``grading.workers``), unless the caller passed its own."""
@@ -246,8 +256,13 @@ class RoundStage:
         return int(json.loads((ckpt / "trainer_state.json").read_text())["step"])
 
     def checkpoint(self, rounds_done: int) -> Path:
-        return save_checkpoint(self.acc, self.wrapped, self.tokenizer, self.out, {"step": rounds_done},
-                               keep=self.keep, hf_model=False, extra=self.save_extra)
+        """Stage the checkpoint after ``rounds_done`` rounds; its copy to disk runs while training goes on."""
+        return self.checkpoints.save(self.wrapped, self.tokenizer, {"step": rounds_done}, extra=self.save_extra)
+
+    def finish_checkpoints(self) -> None:
+        """Wait until the last checkpoint is on disk, in place."""
+        if self.checkpoints is not None:
+            self.checkpoints.wait()
 
 
 def run_stage(stage: RoundStage, rounds: int, save_every: int,
@@ -260,6 +275,7 @@ def run_stage(stage: RoundStage, rounds: int, save_every: int,
     t0 = time.perf_counter()
     try:
         stage.setup()
+        stage.checkpoints = CheckpointWriter(stage.acc, stage.out, stage.keep, stage.staging_dir)
         t1 = time.perf_counter()
         start = stage.resume()
         stage.timings.update(setup=t1 - t0, resume=time.perf_counter() - t1, resumed_at=start)
@@ -281,9 +297,17 @@ def run_stage(stage: RoundStage, rounds: int, save_every: int,
                 stage.timings["checkpoints"].append(time.perf_counter() - t)
             if on_round is not None:
                 on_round(done, rounds, metrics)
+        # The final folder is written while the last checkpoint is copied, and put in place after it:
+        # a finished stage (its final folder) always has its last checkpoint.
         t = time.perf_counter()
-        stage.save_final(final_dir(stage.out))
-        stage.timings["final"] = time.perf_counter() - t
+        unpublished = stage.out / f".{FINAL_DIR}.unpublished"
+        stage.save_final(unpublished)
+        t1 = time.perf_counter()
+        stage.finish_checkpoints()
+        if stage.acc.is_main_process:
+            os.replace(unpublished, final_dir(stage.out))
+        stage.acc.wait_for_everyone()
+        stage.timings.update(final=t1 - t, checkpoint_wait=time.perf_counter() - t1)
         if stage.acc.is_main_process:
             with atomic_path(stage.out / TIMINGS_FILE) as tmp:
                 tmp.write_text(json.dumps(stage.timings, indent=1))

@@ -17,6 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from compaction.training import staging_folder
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
 # Rewards vary with length under the soft overlong penalty, so the smoke model's RLVR steps move it.
@@ -26,24 +28,33 @@ RLVR_SETS = ["rlvr.rounds=4", "rlvr.save_every=2", "rlvr.overlong=penalty", "rlv
 OPSD_SETS = ["opsd.rounds=4", "opsd.save_every=2", "opsd.unit=rollout", "opsd.teacher=ema", "opsd.ema_decay=0.5",
              "opsd.prompts_per_round=3", "opsd.samples_per_prompt=2", "opsd.max_new_tokens=24", "opsd.lr=1e-2",
              "opsd.redundancy_map_samples=2"]
-#: Runs the job with its checkpoint of ``step`` stopping inside the atomic folder (after the
-#: accelerate state is written, before the trainer state): the moment to SIGKILL it.
+#: Runs the job with its checkpoint of ``step`` stopping half-written on disk (after the accelerate
+#: state, before the trainer state): the moment to SIGKILL it. Written straight to the stage folder,
+#: that is inside the atomic folder; staged in memory, inside the background copy to the stage folder.
 STALL_IN_CHECKPOINT = """
-import sys, time
-from compaction import rounds
-original = rounds.RoundStage.checkpoint
+import shutil, sys, time
+from pathlib import Path
+from compaction import rounds, training
+
+def stall(where):
+    print("IN CHECKPOINT", where, flush=True)
+    time.sleep(600)
+
+original_checkpoint, original_copy = rounds.RoundStage.checkpoint, training.copy_staged
 def checkpoint(self, done):
     if done == {step}:
-        def stall(tmp):
-            print("IN CHECKPOINT", tmp, flush=True)
-            time.sleep(600)
         self.save_extra = stall
-    return original(self, done)
-rounds.RoundStage.checkpoint = checkpoint
+    return original_checkpoint(self, done)
+def copy_staged(src, dst):
+    if src.name == "step-{step:08d}":
+        shutil.copytree(src / "state", dst / "state")
+        stall(dst)
+    return original_copy(src, dst)
+rounds.RoundStage.checkpoint = checkpoint if "{staging}" == "null" else rounds.RoundStage.checkpoint
+training.copy_staged = copy_staged
 from jobs import {job}
 {job}.main(sys.argv[1:])
 """
-
 
 def job_args(job: str, policy: str, problems: str, out: Path, sets: list[str], *extra: str) -> list[str]:
     return ["--params", "params/smoke.yaml", *[a for s in sets for a in ("--set", s)], "--policy", policy,
@@ -112,18 +123,25 @@ def test_rlvr_killed_between_checkpoints_resumes_to_the_same_weights(rlvr_refere
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("staging", ["null", "staged"])
 def test_rlvr_killed_while_writing_a_checkpoint_resumes_from_the_one_before(rlvr_reference, smoke_data, tiny_model,
-                                                                          tmp_path):
-    out = tmp_path / "rlvr"
-    args = job_args("rlvr", tiny_model, smoke_data["problems"], out, RLVR_SETS)
-    run_job([sys.executable, "-c", STALL_IN_CHECKPOINT.format(step=4, job="rlvr"), *args], kill_on="IN CHECKPOINT")
+                                                                          tmp_path, staging):
+    out, shm = tmp_path / "rlvr", tmp_path / "shm"
+    shm.mkdir()
+    staging_set = "launcher.checkpoint_staging_dir=" + ("null" if staging == "null" else str(shm))
+    args = job_args("rlvr", tiny_model, smoke_data["problems"], out, [*RLVR_SETS, staging_set])
+    run_job([sys.executable, "-c", STALL_IN_CHECKPOINT.format(step=4, job="rlvr", staging=staging), *args],
+            kill_on="IN CHECKPOINT")
     # The half-written checkpoint is a temporary folder (its state written, no trainer_state.json).
     assert checkpoints(out) == [".step-00000004.tmp", "step-00000002"]
     assert (out / "checkpoints" / ".step-00000004.tmp" / "state" / "model.safetensors").is_file()
     assert not (out / "checkpoints" / ".step-00000004.tmp" / "trainer_state.json").exists()
+    if staging == "staged":  # the killed job's staged copy is still in memory
+        assert [p.name for p in staging_folder(shm, out).iterdir()] == ["step-00000004"]
     lines = run_job([sys.executable, "-m", "jobs.rlvr", *args])
     assert any("resumed from its checkpoint after 2 of 4 rounds" in ln for ln in lines), "".join(lines[-30:])
     assert checkpoints(out) == ["step-00000002", "step-00000004"]
+    assert list(shm.iterdir()) == []  # the restarted job freed it
     assert_same_weights(rlvr_reference, out)
 
 
@@ -146,3 +164,26 @@ def test_opsd_with_an_ema_teacher_killed_between_checkpoints_resumes_to_the_same
     ta = load_file(str(ref / "checkpoints" / "step-00000004" / "ema_teacher.safetensors"))
     tb = load_file(str(out / "checkpoints" / "step-00000004" / "ema_teacher.safetensors"))
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+@pytest.mark.slow
+def test_checkpoints_staged_in_memory_hold_what_a_direct_write_holds(rlvr_reference, smoke_data, tiny_model, tmp_path):
+    """The reference wrote its checkpoints through the staging folder (the default); written straight
+    to disk, the same job's checkpoints hold the same weights, optimizer state and RNG."""
+    out = tmp_path / "rlvr"
+    run_job([sys.executable, "-m", "jobs.rlvr",
+             *job_args("rlvr", tiny_model, smoke_data["problems"], out,
+                       [*RLVR_SETS, "launcher.checkpoint_staging_dir=null"])])
+    assert checkpoints(out) == checkpoints(rlvr_reference) == ["step-00000002", "step-00000004"]
+    for step in checkpoints(out):
+        staged, direct = rlvr_reference / "checkpoints" / step, out / "checkpoints" / step
+        assert sorted(p.name for p in (staged / "state").iterdir()) == sorted(p.name for p in (direct / "state").iterdir())
+        assert (staged / "trainer_state.json").read_text() == (direct / "trainer_state.json").read_text()
+        ws, wd = load_file(str(staged / "state" / "model.safetensors")), load_file(str(direct / "state" / "model.safetensors"))
+        assert ws.keys() == wd.keys() and all(torch.equal(ws[k], wd[k]) for k in ws)
+        os_, od = (torch.load(d / "state" / "optimizer.bin", weights_only=True) for d in (staged, direct))
+        assert os_["state"].keys() == od["state"].keys()
+        assert all(torch.equal(os_["state"][i][n], od["state"][i][n]) for i in os_["state"] for n in os_["state"][i])
+    # The staging memory is freed when the job ends.
+    assert not staging_folder("/dev/shm", rlvr_reference).exists()
+    assert_same_weights(rlvr_reference, out)
