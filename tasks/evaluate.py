@@ -1,12 +1,13 @@
 """Stage evaluate: a checkpoint's avg@k, pass@k and lengths per benchmark (``jobs.evaluate``).
 
-Two steps. ``evaluate`` (cached) runs the job: keyed by the ``eval`` section, the ``model``
+Two steps. ``evaluate`` (a cached task) runs the job: keyed by the ``eval`` section, the ``model``
 section, the rollout fields the engine reads, ``grading``, the checkpoint and the problems; not by
 what the checkpoint is called, so the RLVR checkpoint evaluated as ``rlvr`` and as
-``opsd-baseline`` is sampled once. ``record_evaluation`` (never cached) logs the result as a
-nested MLflow run of *this* flow run with the contract's tags (``stage=eval``, ``model``,
-``condition``, ``policy_ref``, ``eval_dir``, ``train_run_id``, ``seed``) and the ``eval/<bench>/<name>``
-metrics, so every flow run, also a fully cached one, holds the rows a report compares.
+``opsd-baseline`` is sampled once. ``record_evaluation`` (bookkeeping in the flow, not a task: it
+runs every time and has no output of its own) logs the result as a nested MLflow run of *this*
+flow run with the contract's tags (``stage=eval``, ``model``, ``condition``, ``policy_ref``,
+``eval_dir``, ``train_run_id``, ``seed``) and the ``eval/<bench>/<name>`` metrics, so every flow
+run, also a fully cached one, holds the rows a report compares.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from compaction.params import Params
 from tasks.cache import StagePolicy, call, stage_key, stage_task
@@ -57,7 +56,6 @@ def evaluate(params: Params, checkpoint: str, problems: str | None) -> dict:
     return call(evaluate_task, params, checkpoint=checkpoint, problems=problems)
 
 
-@task(name="record_evaluation", cache_policy=NO_CACHE, task_run_name="record_evaluation-{model}")
 def record_evaluation(params: Params, result: dict, model: str, condition: str | None, policy_ref: str,
                       parent_run_id: str | None, train_run_id: str | None = None) -> dict:
     """Log an evaluation as the nested run ``eval-<model>`` of the flow's MLflow run; returns
