@@ -149,10 +149,32 @@ def copy_staged(src: Path, dst: Path) -> None:
         shutil.copy2(src / TRAINER_STATE, dst / TRAINER_STATE)
 
 
+STAGING_PREFIX = "compaction-checkpoint-"
+#: The process that owns a staging folder (its pid), so that any later job can free an orphan's memory.
+STAGING_OWNER = "owner.pid"
+
+
 def staging_folder(staging_root: str | Path, out_dir: Path) -> Path:
     """Where a stage's checkpoints are staged: one folder per stage folder (and user)."""
     digest = hashlib.sha256(str(Path(out_dir).resolve()).encode()).hexdigest()[:16]
-    return Path(staging_root) / f"compaction-checkpoint-{os.getuid()}-{digest}"
+    return Path(staging_root) / f"{STAGING_PREFIX}{os.getuid()}-{digest}"
+
+
+def remove_orphan_staging(staging_root: str | Path) -> list[Path]:
+    """Remove this user's staging folders whose owner process is gone (killed jobs'); returns them.
+    tmpfs is memory: an orphan holds up to a checkpoint's size until removed."""
+    removed = []
+    for folder in Path(staging_root).glob(f"{STAGING_PREFIX}{os.getuid()}-*"):
+        try:
+            os.kill(int((folder / STAGING_OWNER).read_text()), 0)
+            continue  # its owner is alive
+        except (FileNotFoundError, ValueError, ProcessLookupError):
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
 
 
 class CheckpointWriter:
@@ -164,7 +186,8 @@ class CheckpointWriter:
     keeps the newest ``keep``, while training goes on. :meth:`wait` (the next save, the end of the
     stage) joins it. A checkpoint counts once it is in place: a job killed during the copy leaves the
     temporary folder, which is not a checkpoint (resume takes the one before), and its staging
-    folder, which the next job of the same stage folder removes.
+    folder (with its owner's pid), which the next job of the same stage folder removes, as does any
+    later job once that pid is gone (:func:`remove_orphan_staging`).
 
     Written straight to the stage folder (:func:`save_checkpoint`) when ``staging_root`` is None or
     missing, when it has less free space than the checkpoint needs, and when the job spans more than
@@ -179,6 +202,7 @@ class CheckpointWriter:
             self.staging = staging_folder(staging_root, self.out)
             if accelerator.is_main_process:
                 shutil.rmtree(self.staging, ignore_errors=True)  # left by a killed job of this stage
+                remove_orphan_staging(staging_root)  # and by killed jobs of other stages
             accelerator.wait_for_everyone()
         self.pending: Future | None = None
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-copy") \
@@ -199,8 +223,9 @@ class CheckpointWriter:
         """Checkpoint ``state['step']``; returns its final path (in place after :meth:`wait`)."""
         self.wait()
         final = self.out / "checkpoints" / f"step-{state['step']:08d}"
-        if self.staging is not None and self.acc.is_main_process:
-            self.staging.mkdir(parents=True, exist_ok=True)
+        if self.staging is not None and self.acc.is_main_process and not self.staging.is_dir():
+            self.staging.mkdir(parents=True)
+            (self.staging / STAGING_OWNER).write_text(str(os.getpid()))
         if self.staging is None or not self.staging_has_room(wrapped):
             if self.staging is not None:
                 from compaction.logs import get_logger

@@ -137,11 +137,17 @@ def test_rlvr_killed_while_writing_a_checkpoint_resumes_from_the_one_before(rlvr
     assert (out / "checkpoints" / ".step-00000004.tmp" / "state" / "model.safetensors").is_file()
     assert not (out / "checkpoints" / ".step-00000004.tmp" / "trainer_state.json").exists()
     if staging == "staged":  # the killed job's staged copy is still in memory
-        assert [p.name for p in staging_folder(shm, out).iterdir()] == ["step-00000004"]
+        assert sorted(p.name for p in staging_folder(shm, out).iterdir()) == ["owner.pid", "step-00000004"]
+        # An orphan of another stage (its owner gone) is freed by the next job too; a live owner's is not.
+        orphan, alive = staging_folder(shm, tmp_path / "gone"), staging_folder(shm, tmp_path / "alive")
+        for folder, pid in ((orphan, 2 ** 22 + 1), (alive, os.getpid())):
+            (folder / "step-00000002").mkdir(parents=True)
+            (folder / "owner.pid").write_text(str(pid))
     lines = run_job([sys.executable, "-m", "jobs.rlvr", *args])
     assert any("resumed from its checkpoint after 2 of 4 rounds" in ln for ln in lines), "".join(lines[-30:])
     assert checkpoints(out) == ["step-00000002", "step-00000004"]
-    assert list(shm.iterdir()) == []  # the restarted job freed it
+    if staging == "staged":  # the restarted job freed its own and the orphan
+        assert list(shm.iterdir()) == [alive]
     assert_same_weights(rlvr_reference, out)
 
 
