@@ -111,10 +111,21 @@ def collective_atomic_dir(accelerator, final: Path) -> Iterator[Path]:
     yield tmp
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)
     accelerator.wait_for_everyone()
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Put a finished folder in place of ``final`` (removed first: a rename cannot replace a folder)."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def prune_checkpoints(out_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints."""
+    for old in checkpoint_dirs(out_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_checkpoint(accelerator, wrapped, tokenizer, out_dir: Path, state: dict, keep: int = 2,
@@ -135,8 +146,7 @@ def save_checkpoint(accelerator, wrapped, tokenizer, out_dir: Path, state: dict,
         if accelerator.is_main_process:
             (tmp / TRAINER_STATE).write_text(json.dumps(state))
     if accelerator.is_main_process:
-        for old in checkpoint_dirs(out_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(out_dir, keep)
     return final
 
 
@@ -254,11 +264,8 @@ class CheckpointWriter:
         tmp = final.with_name(f".{final.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         copy_staged(staged, tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in checkpoint_dirs(self.out)[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, final)
+        prune_checkpoints(self.out, self.keep)
         shutil.rmtree(staged, ignore_errors=True)
 
     def wait(self) -> None:

@@ -16,7 +16,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-
 from compaction.params import Params
 from tasks.cache import StagePolicy, call, stage_key, stage_task
 from tasks.launch import grader_for, launch
