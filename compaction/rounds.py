@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -49,7 +48,7 @@ from compaction.data import ROLLOUT_COLUMNS, load_problems
 from compaction.artifacts import atomic_path
 from compaction.logs import get_logger
 from compaction.rollout import HFEngine, Sampling, generate_rollouts
-from compaction.training import CheckpointWriter, hf_state_dict, latest_checkpoint
+from compaction.training import TRAINER_STATE, CheckpointWriter, hf_state_dict, latest_checkpoint, replace_dir
 
 #: The stage's output folder (HF ``save_pretrained``); its config.json marks a finished stage.
 FINAL_DIR = "final"
@@ -253,7 +252,7 @@ class RoundStage:
             return 0
         self.acc.load_state(str(ckpt / "state"))
         self.load_extra(ckpt)
-        return int(json.loads((ckpt / "trainer_state.json").read_text())["step"])
+        return int(json.loads((ckpt / TRAINER_STATE).read_text())["step"])
 
     def checkpoint(self, rounds_done: int) -> Path:
         """Stage the checkpoint after ``rounds_done`` rounds; its copy to disk runs while training goes on."""
@@ -305,7 +304,7 @@ def run_stage(stage: RoundStage, rounds: int, save_every: int,
         t1 = time.perf_counter()
         stage.finish_checkpoints()
         if stage.acc.is_main_process:
-            os.replace(unpublished, final_dir(stage.out))
+            replace_dir(unpublished, final_dir(stage.out))
         stage.acc.wait_for_everyone()
         stage.timings.update(final=t1 - t, checkpoint_wait=time.perf_counter() - t1)
         if stage.acc.is_main_process:

@@ -32,7 +32,7 @@ from compaction.model.prompts import SOLUTION_CONTEXT
 from compaction.params import Params
 from compaction.scoring import TokenScorer
 from compaction.training import (
-    MetricsLog, cosine_with_warmup, latest_checkpoint, make_accelerator, micro_batches, pad_batch,
+    TRAINER_STATE, MetricsLog, cosine_with_warmup, latest_checkpoint, make_accelerator, micro_batches, pad_batch,
     publish_final, save_checkpoint, shard,
 )
 from jobs.common import params_from, parse, parser
@@ -128,7 +128,7 @@ class SFTRecipe:
         ckpt = latest_checkpoint(self.out)
         if ckpt is not None:
             self.acc.load_state(str(ckpt / "state"))
-            self.step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+            self.step = json.loads((ckpt / TRAINER_STATE).read_text())["step"]
             self.log.info("sft: resumed from %s (step %d of %d)", ckpt, self.step, self.total_steps)
         self.metrics = MetricsLog(self.out / "metrics.jsonl", self.acc.is_main_process, self.step)
 
