@@ -220,7 +220,8 @@ class OPSDStage(RoundStage):
                           k, self.condition)
             return {**stats, "opsd/empty_round": 1.0, "opsd/loss": 0.0, "opsd/grad_norm": 0.0}, np.empty(0)
         trainable = [p for p in self.student.parameters() if p.requires_grad]
-        batches = micro_batches(pairs, cfg.micro_batch_size)
+        batches = micro_batches(pairs, cfg.micro_batch_size,
+                                length=lambda p: len(p.student_ids) + len(p.teacher_ids))
         loss_sum, first_values = 0.0, []
         for step in range(cfg.steps_per_round):
             # Every process must join each collective: pad the shorter lists with empty batches.

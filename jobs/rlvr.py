@@ -233,7 +233,8 @@ class RLVRStage(RoundStage):
             mine = [(s.ids, s.start, s.advantage) for s in seqs if s.mini == m]
             w = token_weights([len(ids) - st for ids, st, _ in mine], cfg.loss_agg, float(counts.tokens[m]),
                               float(counts.sequences[m]), cfg.max_new_tokens)
-            minis.append(micro_batches(list(zip(mine, w)), cfg.micro_batch_size))
+            items = list(zip(mine, w))  # ((ids, start, advantage), token weight)
+            minis.append(micro_batches(items, cfg.micro_batch_size, length=lambda item: len(item[0][0])))
         return minis
 
     def optimize(self, minis: list[list], n_tokens: float) -> dict[str, float]:

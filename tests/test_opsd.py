@@ -335,6 +335,34 @@ def test_live_teacher_round_with_answer_context(smoke_params, smoke_data, tiny_m
     assert Path(final, "config.json").is_file()
 
 
+def test_micro_batches_sorted_by_length_keep_every_item_once():
+    from compaction.training import micro_batches
+
+    items = ["ccc", "a", "bb", "dddd", "e", "ff"]
+    batches = micro_batches(items, 4, length=len)
+    assert batches == [["a", "e", "bb", "ff"], ["ccc", "dddd"]]  # stable: equal lengths keep their order
+    assert micro_batches(items, 4) == [items[:4], items[4:]]
+
+
+def test_micro_batch_size_does_not_change_the_step(smoke_params, smoke_data, tiny_model, tmp_path):
+    """The update's micro-batches (sorted by length) only split the sum: one sequence per forward
+    pass or all in one give the same loss and the same new weights."""
+    from jobs import opsd
+
+    runs = {}
+    for size in (1, 64):
+        params = opsd_params(smoke_params, f"opsd.micro_batch_size={size}", "opsd.redundancy_map_samples=0")
+        final = opsd.run(params, tiny_model, smoke_data["problems"], tmp_path / str(size), "all")
+        m = json.loads((tmp_path / str(size) / "round-0000" / "metrics.json").read_text())
+        runs[size] = m, weights(final)
+    (m1, w1), (m64, w64) = runs[1], runs[64]
+    assert m1["opsd/selected_rollouts"] == 6 and m1["opsd/loss"] > 0
+    assert m1["opsd/loss"] == pytest.approx(m64["opsd/loss"], rel=1e-5)
+    for k in w1:
+        torch.testing.assert_close(w1[k], w64[k], rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(w1[k], b) for k, b in weights(tiny_model).items())  # a step was taken
+
+
 def test_empty_round_keeps_the_model_and_writes_its_folder(smoke_params, smoke_data, tiny_model, tmp_path):
     from jobs import opsd
 
