@@ -552,6 +552,11 @@ class LauncherParams(Section):
         "CheckpointWriter); it needs room for one checkpoint (weights and optimizer state: ~12-16 bytes a "
         "parameter, ~100-130 GB per node at Qwen3-8B). Less room there, a missing folder or null: written "
         "straight to the stage folder, the training loop waiting for the disk.")
+    checkpoint_snapshot: bool = Field(
+        True, description="Where every process holds whole tensors (one process, DDP; not FSDP): instead of files in "
+        "checkpoint_staging_dir, copy the weights and optimizer state into host buffers kept for the job (the "
+        "checkpoint's size in RAM, allocated once) and write them to the stage folder in the background "
+        "(compaction.training.HostSnapshot). Ignored when checkpoint_staging_dir is null (direct writes).")
     devices_per_job: int | None = Field(
         None, ge=1, description="GPUs each concurrent job gets (CUDA_VISIBLE_DEVICES, launcher.kind = "
         "accelerate); None = every visible GPU, for one job at a time.")

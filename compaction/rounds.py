@@ -8,8 +8,9 @@ grader are set up once, then every round runs in the same process(es). A stage f
   written atomically; kilobytes, never a model;
 - ``checkpoints/step-XXXXXXXX/`` (step = rounds done): accelerate state (weights, optimizer, every
   RNG), the stage's extras (an EMA teacher) and ``trainer_state.json``; written every
-  ``save_every`` rounds and after the last one, the newest ``keep_checkpoints`` kept; staged in
-  memory and copied to disk while the next rounds train (``launcher.checkpoint_staging_dir``);
+  ``save_every`` rounds and after the last one, the newest ``keep_checkpoints`` kept; taken in
+  memory and written to disk while the next rounds train (``launcher.checkpoint_snapshot``,
+  ``launcher.checkpoint_staging_dir``);
 - ``final/``: the stage's output, one HF ``save_pretrained`` folder, written at the end;
 - ``heldout/after-XXXX.json``: the held-out curve's point after XXXX rounds (``eval_every`` > 0);
 - ``timings.json``: seconds of setup, each checkpoint and the final save (bench/scaling.py);
@@ -90,8 +91,9 @@ class RoundStage:
     #: (which removes what a killed job left in the staging folder).
     checkpoints: CheckpointWriter | None = None
 
-    def __init__(self, out: Path, keep_checkpoints: int, grader=None, staging_dir: str | None = None):
-        self.out, self.keep, self.staging_dir = Path(out), keep_checkpoints, staging_dir
+    def __init__(self, out: Path, keep_checkpoints: int, grader=None, staging_dir: str | None = None,
+                 snapshot: bool = True):
+        self.out, self.keep, self.staging_dir, self.snapshot = Path(out), keep_checkpoints, staging_dir, snapshot
         self.grader = grader  # running workers shared with the caller's other jobs; None: the job's own
         self.resources = ExitStack()  # what close() releases: the job's own grading workers
         self.timings: dict[str, Any] = {"setup": 0.0, "resume": 0.0, "checkpoints": [], "final": 0.0,
@@ -274,7 +276,7 @@ def run_stage(stage: RoundStage, rounds: int, save_every: int,
     t0 = time.perf_counter()
     try:
         stage.setup()
-        stage.checkpoints = CheckpointWriter(stage.acc, stage.out, stage.keep, stage.staging_dir)
+        stage.checkpoints = CheckpointWriter(stage.acc, stage.out, stage.keep, stage.staging_dir, stage.snapshot)
         t1 = time.perf_counter()
         start = stage.resume()
         stage.timings.update(setup=t1 - t0, resume=time.perf_counter() - t1, resumed_at=start)

@@ -6,21 +6,25 @@ Checkpoints are folders ``<out>/checkpoints/step-XXXXXXXX/`` holding ``state/`` 
 ``save_pretrained``: loadable as a checkpoint on its own). Each is written under a temporary name and renamed into place by the
 main process, so a killed job leaves only complete checkpoints; resume takes the latest.
 
-The round stages write theirs through :class:`CheckpointWriter`: into a staging folder in memory
-(``launcher.checkpoint_staging_dir``, a tmpfs), copied to the stage folder by a background thread
-while the next rounds train, so that a checkpoint costs the training loop a memory write, not a
-disk write (at Qwen3-8B: ~98 GB per checkpoint).
+The round stages write theirs through :class:`CheckpointWriter`, off the training path: where every
+process holds whole tensors, the state is copied into host buffers kept for the job
+(:class:`HostSnapshot`) and written to the stage folder by a background thread; under FSDP, accelerate
+writes it into a staging folder in memory (``launcher.checkpoint_staging_dir``, a tmpfs), copied to
+the stage folder by that thread. Either way the next rounds train while the disk is written, so
+that a checkpoint costs the loop a memory copy, not a disk write (at Qwen3-8B: ~98 GB per checkpoint).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import math
 import os
 import re
 import shutil
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -192,36 +196,118 @@ def remove_orphan_staging(staging_root: str | Path) -> list[Path]:
     return removed
 
 
+class HostSnapshot:
+    """A job's accelerate state (weights, optimizer and scheduler state) copied into host buffers that
+    the first snapshot allocates and later ones reuse, for jobs whose processes hold whole tensors
+    (one process, DDP: :meth:`supported`). Taking one is a copy into memory already touched, not a
+    write of fresh tmpfs pages (bench/checkpoint_memory.py: 400 MB in ~0.03 s against 0.3-1.9 s);
+    :meth:`write` then saves it, in a background thread, under accelerate's file names with its own
+    ``save``, so ``Accelerator.load_state`` reads it. Tied weights stay one buffer (accelerate's
+    safetensors save drops the duplicate name, as ``save_state`` does). The RNG states are not here:
+    they are written at snapshot time by accelerate itself (:meth:`CheckpointWriter.save`)."""
+
+    def __init__(self):
+        self.buffers: dict[tuple, torch.Tensor] = {}
+        self.weights: list[dict] = []
+        self.optimizers: list[dict] = []
+        self.schedulers: list[dict] = []
+
+    @staticmethod
+    def supported(accelerator) -> bool:
+        """Whole tensors in every process, and nothing in the state but models, optimizers, schedulers."""
+        from accelerate.utils import DistributedType
+
+        whole = accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU,
+                                                 DistributedType.MULTI_GPU)
+        return whole and not (accelerator._custom_objects or accelerator._dataloaders or accelerator.scaler
+                              or accelerator._save_model_state_pre_hook)
+
+    def take(self, accelerator) -> None:
+        """Copy the state now (main process: the one that writes)."""
+        self.weights = [self._weights(i, accelerator.get_state_dict(m, unwrap=False))
+                        for i, m in enumerate(accelerator._models)]
+        self.optimizers = [self._copy(("optimizer", i), opt.state_dict())
+                           for i, opt in enumerate(accelerator._optimizers)]
+        self.schedulers = [copy.deepcopy(s.state_dict()) for s in accelerator._schedulers]
+
+    def write(self, folder: Path) -> None:
+        """What ``Accelerator.save_state`` writes but the RNG states, from the snapshot."""
+        from accelerate.utils import OPTIMIZER_NAME, SAFE_WEIGHTS_NAME, SCHEDULER_NAME, save
+
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, state in enumerate(self.weights):
+            save(state, folder / (SAFE_WEIGHTS_NAME if i == 0 else SAFE_WEIGHTS_NAME.replace(".", f"_{i}.")),
+                 safe_serialization=True)
+        for name, states in ((OPTIMIZER_NAME, self.optimizers), (SCHEDULER_NAME, self.schedulers)):
+            for i, state in enumerate(states):
+                save(state, folder / (f"{name}.bin" if i == 0 else f"{name}_{i}.bin"))
+
+    def _buffer(self, key: tuple, t: torch.Tensor) -> torch.Tensor:
+        buf = self.buffers.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = self.buffers[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+        return buf.copy_(t.detach())
+
+    def _weights(self, i: int, state: dict) -> dict:
+        out, seen = OrderedDict(), {}
+        for name, t in state.items():
+            same = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+            if same not in seen:
+                seen[same] = self._buffer(("model", i, name), t)
+            out[name] = seen[same]
+        return out
+
+    def _copy(self, key: tuple, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            return self._buffer(key, obj)
+        if isinstance(obj, dict):
+            return {k: self._copy((*key, k), v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self._copy((*key, j), v) for j, v in enumerate(obj))
+        return copy.deepcopy(obj)
+
+
 class CheckpointWriter:
     """The round stages' checkpoints, written off the training path.
 
-    :meth:`save` writes what :func:`save_checkpoint` writes (accelerate state, the extras, the
-    trainer state) into ``<staging>/<step>/``, a folder in memory, and returns; a thread of the main
-    process copies it into ``<out>/checkpoints/.step-XXXXXXXX.tmp``, renames that into place and
-    keeps the newest ``keep``, while training goes on. :meth:`wait` (the next save, the end of the
-    stage) joins it. A checkpoint counts once it is in place: a job killed during the copy leaves the
-    temporary folder, which is not a checkpoint (resume takes the one before), and its staging
-    folder (with its owner's pid), which the next job of the same stage folder removes, as does any
-    later job once that pid is gone (:func:`remove_orphan_staging`).
+    :meth:`save` takes the checkpoint (accelerate state, the extras, the trainer state) and returns;
+    a thread of the main process writes it into ``<out>/checkpoints/.step-XXXXXXXX.tmp``, renames that
+    into place and keeps the newest ``keep``, while training goes on. :meth:`wait` (the next save, the
+    end of the stage) joins it. How it is taken:
 
-    Written straight to the stage folder (:func:`save_checkpoint`) when ``staging_root`` is None or
-    missing, when it has less free space than the checkpoint needs, and when the job spans more than
-    one node (each node's staging folder holds only its own processes' files). Every process must
-    call :meth:`save` and :meth:`wait` (they are collective)."""
+    - ``snapshot`` (where :meth:`HostSnapshot.supported`, with ``snapshot``): every process's RNG
+      states and the extras are written into the temporary folder at once (kilobytes; an EMA
+      teacher), the weights and optimizer state copied into host buffers, which the thread writes;
+    - ``staged`` (FSDP, or ``snapshot`` off): ``accelerate.save_state`` into ``<staging>/<step>/``,
+      a folder in memory, which the thread copies;
+    - ``direct``: :func:`save_checkpoint`, the loop waiting for the disk, when ``staging_root`` is
+      None or missing, when it has less free space than the checkpoint needs (staged), and when the
+      job spans more than one node (each node's staging folder holds only its own processes' files).
 
-    def __init__(self, accelerator, out_dir: Path, keep: int, staging_root: str | None):
+    A checkpoint counts once it is in place: a job killed while one is written leaves the temporary
+    folder, which is not a checkpoint (resume takes the one before), and, staged, its staging folder
+    (with its owner's pid), which the next job of the same stage folder removes, as does any later
+    job once that pid is gone (:func:`remove_orphan_staging`). Every process must call :meth:`save`
+    and :meth:`wait` (they are collective)."""
+
+    def __init__(self, accelerator, out_dir: Path, keep: int, staging_root: str | None, snapshot: bool = True):
         self.acc, self.out, self.keep = accelerator, Path(out_dir), keep
         one_node = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)) == accelerator.num_processes
+        background = bool(staging_root) and Path(staging_root).is_dir() and one_node
+        self.mode = "direct" if not background else (
+            "snapshot" if snapshot and HostSnapshot.supported(accelerator) else "staged")
         self.staging: Path | None = None
-        if staging_root and Path(staging_root).is_dir() and one_node:
+        if background and accelerator.is_main_process:
+            remove_orphan_staging(staging_root)  # killed jobs' staged checkpoints (this stage's too)
+        if self.mode == "staged":
             self.staging = staging_folder(staging_root, self.out)
             if accelerator.is_main_process:
                 shutil.rmtree(self.staging, ignore_errors=True)  # left by a killed job of this stage
-                remove_orphan_staging(staging_root)  # and by killed jobs of other stages
-            accelerator.wait_for_everyone()
+        accelerator.wait_for_everyone()
+        self.snapshot = HostSnapshot() if self.mode == "snapshot" and accelerator.is_main_process else None
         self.pending: Future | None = None
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-copy") \
-            if accelerator.is_main_process and self.staging else None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-write") \
+            if accelerator.is_main_process and self.mode != "direct" else None
 
     def staging_has_room(self, wrapped) -> bool:
         """Whether the staging folder can hold this checkpoint: weights, two Adam moments and an extra
@@ -238,6 +324,8 @@ class CheckpointWriter:
         """Checkpoint ``state['step']``; returns its final path (in place after :meth:`wait`)."""
         self.wait()
         final = self.out / "checkpoints" / f"step-{state['step']:08d}"
+        if self.mode == "snapshot":
+            return self._save_snapshot(final, state, extra)
         if self.staging is not None and self.acc.is_main_process and not self.staging.is_dir():
             self.staging.mkdir(parents=True)
             (self.staging / STAGING_OWNER).write_text(str(os.getpid()))
@@ -264,6 +352,32 @@ class CheckpointWriter:
             self.pending = self.pool.submit(self.publish, staged, final)
         return final
 
+    def _save_snapshot(self, final: Path, state: dict, extra: Callable[[Path], None] | None) -> Path:
+        from accelerate.checkpointing import save_accelerator_state
+
+        tmp = final.with_name(f".{final.name}.tmp")
+        if self.acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "state").mkdir(parents=True)
+        self.acc.wait_for_everyone()
+        # Every process's RNG states, now, by accelerate (nothing else: no models or optimizers given).
+        save_accelerator_state(str(tmp / "state"), [], [], [], [], self.acc.process_index, self.acc.step)
+        if extra is not None:
+            extra(tmp)
+        if self.snapshot is not None:
+            self.snapshot.take(self.acc)
+        self.acc.wait_for_everyone()
+        if self.pool is not None:
+            self.pending = self.pool.submit(self.publish_snapshot, tmp, final, state)
+        return final
+
+    def publish_snapshot(self, tmp: Path, final: Path, state: dict) -> None:
+        """Write the snapshot into the temporary folder, the trainer state last, rename it into place, prune."""
+        self.snapshot.write(tmp / "state")
+        (tmp / TRAINER_STATE).write_text(json.dumps(state))
+        replace_dir(tmp, final)
+        prune_checkpoints(self.out, self.keep)
+
     def publish(self, staged: Path, final: Path) -> None:
         """Copy a staged checkpoint to its temporary folder, rename it into place, prune, free the memory."""
         tmp = final.with_name(f".{final.name}.tmp")
@@ -281,10 +395,11 @@ class CheckpointWriter:
         self.acc.wait_for_everyone()
 
     def close(self) -> None:
-        """At the end, also after a failure (not collective: other processes may be gone): let a copy
-        in flight end, and free the staging memory."""
+        """At the end, also after a failure (not collective: other processes may be gone): let a write
+        in flight end, and free the staging memory or the snapshot's buffers."""
         if self.pool is not None:
             self.pool.shutdown(wait=True)
+        self.snapshot = None
         if self.staging is not None and self.acc.is_main_process:
             shutil.rmtree(self.staging, ignore_errors=True)
 

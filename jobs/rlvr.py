@@ -87,7 +87,8 @@ class RLVRStage(RoundStage):
 
     def __init__(self, params: Params, policy_ref: str, problems_path: str, out: Path, grader: Grader | None = None):
         super().__init__(out, params.rlvr.keep_checkpoints, grader,
-                         staging_dir=params.launcher.checkpoint_staging_dir)
+                         staging_dir=params.launcher.checkpoint_staging_dir,
+                         snapshot=params.launcher.checkpoint_snapshot)
         self.p, self.cfg = params, params.rlvr
         self.policy_ref, self.problems_path = policy_ref, problems_path
         self.log = get_logger()
