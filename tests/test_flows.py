@@ -313,7 +313,8 @@ def test_compaction_killed_during_opsd_resumes_from_its_checkpoint(project, pref
 
     root = project["root"]
     checkpoint = project["first"][0]["rlvr"]["path"]
-    sets = ["opsd.seed=1", "opsd.rounds=4", "opsd.save_every=2"]  # a new OPSD (new folder), the same pools' inputs
+    # A new OPSD (new folder); the pools' inputs are the first post-train's, so its rollout grading is reused.
+    sets = ["opsd.lr=2e-4", "opsd.rounds=4", "opsd.save_every=2"]
     cmd = [sys.executable, "-m", "cli", "run", "compaction", "--params", SMOKE, "--condition", "all",
            "--checkpoint", checkpoint, *[a for s in sets for a in ("--set", s)]]
     env = {**prefect_server["env"], "COMPACTION_HOME": str(root)}
@@ -406,7 +407,7 @@ def test_accelerate_launcher_runs_rounds_in_two_processes(tmp_path, mlflow_db_te
 
     root = _fresh_project(tmp_path, mlflow_db_template, monkeypatch)
     sets = ["launcher.kind=accelerate", "launcher.accelerate_config=" + str(REPO / "params/accelerate/cpu-2proc.yaml"),
-            "launcher.num_processes=2", "opsd.rounds=1"]
+            "launcher.num_processes=2", "opsd.rounds=1", "opsd.unit=rollout"]  # no pool: one job fewer to launch
     state = compaction(params=SMOKE, overrides=sets, checkpoint=tiny_model, conditions=["all"], return_state=True)
     assert state.is_completed(), state.message
     result = state.result()

@@ -1,8 +1,7 @@
 """vLLM for real, on CPU: a server from `.venv-vllm` (make vllm), weights reloaded into it, the HF
 engine beside it, RLVR and OPSD stages that roll out through it, and a server killed mid-stage.
 
-One server serves the module (~25 s to start); the tests that need a server of their own (a
-fresh one to compare a reload against, a stage's own) start it themselves. These tests fail
+One server serves the module (~25 s to start); the killed-server test starts the stage's own. These tests fail
 loudly where the vLLM environment is missing: `make test` builds it.
 """
 
@@ -81,7 +80,21 @@ def ids(completions):
     return [[c.token_ids for c in per_prompt] for per_prompt in completions]
 
 
-def test_reload_gives_a_fresh_servers_greedy_output(server, tiny_model, varied_model, prompts, tmp_path):
+def greedy_agreement(hf_out, vllm_out) -> tuple[int, int, int]:
+    """(tokens that agree position by position, tokens, identical sequences) of two greedy runs."""
+    agree = total = identical = 0
+    for a, b in zip(hf_out, vllm_out):
+        agree += sum(x == y for x, y in zip(a.token_ids, b.token_ids))
+        total += max(len(a.token_ids), len(b.token_ids))
+        identical += a.token_ids == b.token_ids
+        assert (a.text == b.text) == (a.token_ids == b.token_ids)  # decoded by the same tokenizer
+    return agree, total, identical
+
+
+def test_reload_gives_the_new_weights_greedy_output(server, tiny_model, varied_model, prompts, tmp_path):
+    """Weights written as a stage writes them, reloaded into a running server: its greedy output is
+    the new model's (as the HF engine computes it), and reloading the first model restores its
+    output exactly. A stale tied LM head (vLLM 0.32 on CPU) fails the first check."""
     engine = engine_on(server, tiny_model)
     engine.reload(tiny_model)
     before = ids(engine.generate(prompts, GREEDY))
@@ -89,29 +102,25 @@ def test_reload_gives_a_fresh_servers_greedy_output(server, tiny_model, varied_m
     folder = tmp_path / "weights"  # as a stage writes them: safetensors alone, HF names
     write_weights(dict(model.state_dict()), folder, tied_embeddings=model.config.tie_word_embeddings)
     seconds = engine.reload(folder)
-    reloaded = ids(engine.generate(prompts, GREEDY))
-    with VLLMServer(varied_model, log_path=tmp_path / "fresh.log") as fresh:
-        expected = ids(engine_on(fresh, varied_model).generate(prompts, GREEDY))
-    assert reloaded == expected
-    assert reloaded != before, "the reload changed nothing: the new weights were not loaded"
+    reloaded = [c[0] for c in engine.generate(prompts, GREEDY)]
+    hf_out = [c[0] for c in HFEngine.from_pretrained(varied_model, dtype="float32").generate(prompts, GREEDY)]
+    agree, total, identical = greedy_agreement(hf_out, reloaded)
+    assert agree / total >= 0.9, f"after the reload only {agree}/{total} greedy tokens are the new model's"
+    assert [[c.token_ids] for c in reloaded] != before, "the reload changed nothing: the new weights were not loaded"
     engine.reload(tiny_model)
     assert ids(engine.generate(prompts, GREEDY)) == before
-    print(f"\nreload: {seconds:.2f} s; {len(prompts)} greedy completions equal a fresh server's")
+    print(f"\nreload: {seconds:.2f} s; {agree}/{total} greedy tokens after it are the new model's "
+          f"({identical}/{len(prompts)} sequences identical)")
 
 
-@pytest.mark.parametrize("which", ["sft_ckpt", "varied_model"])
-def test_greedy_tokens_agree_with_the_hf_engine(server, which, prompts, request):
-    model_dir = request.getfixturevalue(which)
+def test_greedy_tokens_agree_with_the_hf_engine(server, sft_ckpt, prompts):
+    """On the trained smoke model (small margins); the reload test checks a random model's."""
+    model_dir, which = sft_ckpt, "the smoke SFT model"
     engine = engine_on(server, model_dir)
     engine.reload(model_dir)
     vllm_out = [c[0] for c in engine.generate(prompts, GREEDY)]
     hf_out = [c[0] for c in HFEngine.from_pretrained(model_dir, dtype="float32").generate(prompts, GREEDY)]
-    agree = total = identical = 0
-    for a, b in zip(hf_out, vllm_out):
-        same = sum(x == y for x, y in zip(a.token_ids, b.token_ids))
-        agree, total = agree + same, total + max(len(a.token_ids), len(b.token_ids))
-        identical += a.token_ids == b.token_ids
-        assert (a.text == b.text) == (a.token_ids == b.token_ids)  # decoded by the same tokenizer
+    agree, total, identical = greedy_agreement(hf_out, vllm_out)
     share = agree / total
     print(f"\nHF vs vLLM greedy on {which}: {agree}/{total} tokens agree position by position ({share:.1%}); "
           f"{identical}/{len(prompts)} sequences identical")
