@@ -547,11 +547,12 @@ class LauncherParams(Section):
         "branches of a flow are submitted together and wait for a slot. 1 on a CPU machine (a job uses "
         "every core); on a node of 8 GPUs, 8 / devices_per_job.")
     checkpoint_staging_dir: str | None = Field(
-        "/dev/shm", description="RLVR and OPSD write each checkpoint into this memory-backed folder and copy it "
-        "to the stage folder in a background thread while the next rounds train (compaction.training."
-        "CheckpointWriter); it needs room for one checkpoint (weights and optimizer state: ~12-16 bytes a "
-        "parameter, ~100-130 GB per node at Qwen3-8B). Less room there, a missing folder or null: written "
-        "straight to the stage folder, the training loop waiting for the disk.")
+        "/dev/shm", description="RLVR and OPSD write their checkpoints in a background thread while the next rounds "
+        "train (compaction.training.CheckpointWriter). Under FSDP (or with checkpoint_snapshot false) each is "
+        "first written into this memory-backed folder and copied from there; it needs room for one checkpoint "
+        "(weights and optimizer state: ~12-16 bytes a parameter, ~100-130 GB per node at Qwen3-8B). Less room "
+        "there, a missing folder or null: written straight to the stage folder, the training loop waiting for "
+        "the disk.")
     checkpoint_snapshot: bool = Field(
         True, description="Where every process holds whole tensors (one process, DDP; not FSDP): instead of files in "
         "checkpoint_staging_dir, copy the weights and optimizer state into host buffers kept for the job (the "
