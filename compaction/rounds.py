@@ -91,9 +91,9 @@ class RoundStage:
     #: (which removes what a killed job left in the staging folder).
     checkpoints: CheckpointWriter | None = None
 
-    def __init__(self, out: Path, keep_checkpoints: int, grader=None, staging_dir: str | None = None,
-                 snapshot: bool = True):
-        self.out, self.keep, self.staging_dir, self.snapshot = Path(out), keep_checkpoints, staging_dir, snapshot
+    def __init__(self, out: Path, keep_checkpoints: int, grader=None, launcher=None):
+        # launcher: the params' `launcher` section (how checkpoints are written); None: straight to disk.
+        self.out, self.keep, self.launcher = Path(out), keep_checkpoints, launcher
         self.grader = grader  # running workers shared with the caller's other jobs; None: the job's own
         self.resources = ExitStack()  # what close() releases: the job's own grading workers
         self.timings: dict[str, Any] = {"setup": 0.0, "resume": 0.0, "checkpoints": [], "final": 0.0,
@@ -276,7 +276,10 @@ def run_stage(stage: RoundStage, rounds: int, save_every: int,
     t0 = time.perf_counter()
     try:
         stage.setup()
-        stage.checkpoints = CheckpointWriter(stage.acc, stage.out, stage.keep, stage.staging_dir, stage.snapshot)
+        launcher = stage.launcher
+        stage.checkpoints = CheckpointWriter(stage.acc, stage.out, stage.keep,
+                                             launcher.checkpoint_staging_dir if launcher else None,
+                                             launcher.checkpoint_snapshot if launcher else True)
         t1 = time.perf_counter()
         start = stage.resume()
         stage.timings.update(setup=t1 - t0, resume=time.perf_counter() - t1, resumed_at=start)

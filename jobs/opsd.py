@@ -72,9 +72,7 @@ class OPSDStage(RoundStage):
 
     def __init__(self, params: Params, policy_ref: str, problems_path: str, out: Path, condition: str,
                  pool_path: str | None = None, grader: Grader | None = None):
-        super().__init__(out, params.opsd.keep_checkpoints, grader,
-                         staging_dir=params.launcher.checkpoint_staging_dir,
-                         snapshot=params.launcher.checkpoint_snapshot)
+        super().__init__(out, params.opsd.keep_checkpoints, grader, launcher=params.launcher)
         self.p, self.cfg = params, params.opsd
         self.policy_ref, self.problems_path, self.pool_path = policy_ref, problems_path, pool_path
         self.condition = condition

@@ -86,9 +86,7 @@ class RLVRStage(RoundStage):
     """setup (once) -> per round: rollouts -> grade -> update -> record -> (checkpoint) -> final."""
 
     def __init__(self, params: Params, policy_ref: str, problems_path: str, out: Path, grader: Grader | None = None):
-        super().__init__(out, params.rlvr.keep_checkpoints, grader,
-                         staging_dir=params.launcher.checkpoint_staging_dir,
-                         snapshot=params.launcher.checkpoint_snapshot)
+        super().__init__(out, params.rlvr.keep_checkpoints, grader, launcher=params.launcher)
         self.p, self.cfg = params, params.rlvr
         self.policy_ref, self.problems_path = policy_ref, problems_path
         self.log = get_logger()
